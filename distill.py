@@ -1,0 +1,298 @@
+"""
+Knowledge distillation into a student, on train.py's training loop.
+
+- soft (logit-level): the student matches the frozen teacher's next-token distribution softened at
+  temperature T, minimizing T^2 * KL(teacher || student) per token (Hinton et al. 2015; Borkar et al.
+  2026 use forward KL at T = 2 and no cross-entropy term). Options: reverse KL, the generalized
+  Jensen-Shannon divergence JSD(beta), and a mix with cross-entropy on the data (alpha).
+- The divergence is computed in fp32 over chunks of tokens, and each chunk's gradient is formed at
+  once, so no full (tokens, vocab) fp32 tensor exists at any time (Llama 3's vocabulary is 128k).
+- The logged `kl` is the true divergence (teacher entropy included), not a cross-entropy that
+  differs from it by a constant.
+- hard (sequence-level, Kim & Rush 2016): the teacher greedily continues each training example
+  from its first P tokens to the example's full length; the student trains on these generations
+  with cross-entropy. The generations are a dataset folder in prepare.py's format, reused on rerun.
+- Everything else (schedule, epochs, resume, DDP / FSDP2, logging, checkpoints) is train.py's.
+
+    python distill.py --teacher=out/teacher --data=data/mem --out_dir=out/student --model=small
+"""
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from config import UserError, parse_config, run_main
+from model import Transformer, read_checkpoint_meta
+from prepare import open_split, read_meta, write_dataset
+from train import TrainConfig, pick_device, prepare_frozen_model, setting, train, unwrap
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    teacher: str = setting("", "the teacher's checkpoint folder (any format from_pretrained reads)")
+    kind: str = setting("soft", "soft (match the teacher's distributions) or hard (train on its generations)")
+    divergence: str = setting("forward_kl", "soft: forward_kl = KL(teacher||student), reverse_kl, or jsd")
+    temperature: float = setting(2.0, "soft: softens both distributions; the loss is scaled by T^2")
+    beta: float = setting(0.5, "jsd: mixture weight of the teacher, 0 < beta < 1")
+    alpha: float = setting(1.0, "soft: weight of the distillation term; 1 - alpha goes to cross-entropy on the data")
+    kd_chunk: int = setting(1024, "soft: tokens per chunk of the divergence (bounds its memory)")
+    slice_vocab: bool = setting(False, "accept a teacher whose vocabulary is larger (padded) and use the shared ids")
+    prefix_len: int = setting(50, "hard: the teacher continues each example from this many tokens")
+    hard_data: str = setting("", "hard: folder for the teacher's generations (default: <out_dir>/teacher_data)")
+    gen_batch_size: int = setting(64, "hard: examples per generation batch")
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergences between the teacher's distribution p and the student's q, per token, in fp32.
+
+
+def divergence(student_logits, teacher_logits, kind="forward_kl", temperature=1.0, beta=0.5):
+    """Per-token divergence (N,) between p = softmax(teacher / T) and q = softmax(student / T).
+
+    forward_kl: KL(p || q), mass-covering; the paper's choice.
+    reverse_kl: KL(q || p), mode-seeking.
+    jsd: beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q (Agarwal et al.
+         2024). JSD / beta tends to KL(p || q) as beta -> 0 and JSD / (1 - beta) to KL(q || p) as
+         beta -> 1."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "forward_kl":
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if kind == "reverse_kl":
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if kind == "jsd":
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        return beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}")
+
+
+class ChunkedDistillation(torch.autograd.Function):
+    """loss = mean over N tokens of alpha T^2 D(p_t || q_t) + (1 - alpha) CE(q_t at T=1, target_t).
+
+    The student's logits are hidden @ weight.T. Going chunk by chunk, the forward pass forms each
+    chunk's logits in fp32, its loss, and straight away the gradient of that loss with respect to
+    the chunk's hidden states and to the output weight; the backward pass only scales them. So at
+    most one chunk of (tokens, vocab) tensors is alive, and no logits are recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, opts):
+        need_grad = hidden.requires_grad or weight.requires_grad
+        n, chunk = hidden.shape[0], opts["chunk"]
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        div_sum, ce_sum = loss_sum.clone(), loss_sum.clone()
+        for s in range(0, n, chunk):
+            h = hidden[s:s + chunk]
+            with torch.no_grad():
+                teacher_logits = F.linear(teacher_hidden[s:s + chunk], teacher_weight).float()
+            with torch.enable_grad():
+                logits = F.linear(h.detach(), weight.detach()).float().requires_grad_(need_grad)
+                div = divergence(logits, teacher_logits, opts["divergence"], opts["temperature"], opts["beta"])
+                ce = F.cross_entropy(logits, targets[s:s + chunk], reduction="none")
+                loss = (opts["alpha"] * opts["temperature"] ** 2 * div + (1 - opts["alpha"]) * ce).sum()
+                if need_grad:
+                    (g,) = torch.autograd.grad(loss, logits)  # (chunk, V) fp32
+            if need_grad:
+                g = g.to(h.dtype)
+                grad_hidden[s:s + chunk] = g @ weight.to(h.dtype)
+                grad_weight += (g.t() @ h).float()
+            loss_sum += loss.detach()
+            div_sum += div.detach().sum()
+            ce_sum += ce.detach().sum()
+        if need_grad:
+            ctx.save_for_backward(grad_hidden / n, (grad_weight / n).to(weight.dtype))
+        stats = torch.stack([div_sum, ce_sum]) / n
+        ctx.mark_non_differentiable(stats)
+        return loss_sum / n, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+
+
+def make_soft_loss(teacher, cfg):
+    """A train.py loss_fn(model, batch) -> (loss, metrics) that distills `teacher` into the model."""
+    opts = dict(chunk=cfg.kd_chunk, divergence=cfg.divergence, temperature=cfg.temperature,
+                beta=cfg.beta, alpha=cfg.alpha)
+
+    def loss_fn(model, batch):
+        inputs, doc_ids = batch["inputs"], batch.get("doc_ids")
+        hidden = model(inputs, doc_ids=doc_ids, return_hidden=True)  # through DDP's wrapper if any
+        with torch.no_grad():
+            teacher_hidden = teacher(inputs, doc_ids=doc_ids, return_hidden=True)
+        weight = unwrap(model).output.weight
+        vocab = weight.shape[0]  # a larger (padded) teacher vocabulary is cut to the student's ids
+        loss, stats = ChunkedDistillation.apply(
+            hidden.flatten(0, 1), weight, teacher_hidden.flatten(0, 1), teacher.output.weight[:vocab],
+            batch["targets"].flatten(), opts)
+        return loss, {"kl" if cfg.divergence.endswith("kl") else cfg.divergence: stats[0], "ce": stats[1]}
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# The teacher
+
+
+def check_config(cfg):
+    if not cfg.teacher:
+        raise UserError("no teacher given; pass --teacher=path/to/teacher_checkpoint")
+    if not os.path.isdir(cfg.teacher):
+        raise UserError(f"teacher checkpoint {cfg.teacher!r} does not exist; train it first or fix --teacher")
+    if cfg.kind not in ("soft", "hard"):
+        raise UserError(f"--kind must be soft or hard, not {cfg.kind!r}")
+    if cfg.divergence not in ("forward_kl", "reverse_kl", "jsd"):
+        raise UserError(f"--divergence must be forward_kl, reverse_kl or jsd, not {cfg.divergence!r}")
+    if not cfg.temperature > 0:
+        raise UserError(f"--temperature must be above 0 (the paper uses 2), not {cfg.temperature}")
+    if not 0 < cfg.beta < 1:
+        raise UserError(f"--beta must lie strictly between 0 and 1, not {cfg.beta}")
+    if not 0 <= cfg.alpha <= 1:
+        raise UserError(f"--alpha must lie between 0 and 1, not {cfg.alpha}")
+
+
+def check_teacher_fits(path, data_meta, slice_vocab):
+    """Refuse a teacher whose tokenizer differs from the data's, or whose vocabulary is not the
+    data's (unless slice_vocab and it is larger), before loading any weights."""
+    config_path = os.path.join(path, "config.json")
+    meta = read_checkpoint_meta(path) if os.path.isfile(config_path) else {}
+    sha = meta.get("tokenizer_sha256")
+    if sha is not None and sha != data_meta["tokenizer_sha256"]:
+        raise UserError(f"the teacher in {path} was trained with another tokenizer than the data in "
+                        "its dataset folder; distill on data prepared with the teacher's tokenizer")
+    vocab = (meta.get("model_args") or {}).get("vocab_size")
+    if vocab is not None and vocab != data_meta["vocab_size"]:
+        if not (slice_vocab and vocab > data_meta["vocab_size"]):
+            raise UserError(f"the teacher's vocabulary has {vocab} ids and the data's {data_meta['vocab_size']}; "
+                            "pass --slice_vocab to use the shared ids of a larger, padded teacher vocabulary")
+
+
+def weights_bytes(path):
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if f.endswith((".safetensors", ".pth")))
+
+
+def check_memory(path, device):
+    """A teacher larger than the memory that is free for it is refused, saying how much it needs."""
+    need = weights_bytes(path)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                free = int(next(l for l in f if l.startswith("MemAvailable")).split()[1]) * 1024
+        except (OSError, StopIteration):
+            return
+    if need > free:
+        raise UserError(f"the teacher needs about {need / 2**30:.1f} GiB for its weights but only "
+                        f"{free / 2**30:.1f} GiB is free on {device.type}; use a machine with more memory or FSDP")
+
+
+def load_teacher(cfg, device):
+    check_memory(cfg.teacher, device)
+    try:
+        return Transformer.from_pretrained(cfg.teacher, device="cpu")
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"cannot load the teacher: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Hard distillation: the teacher's generations as a dataset
+
+
+@torch.no_grad()
+def generate_dataset(teacher, data_dir, out_dir, prefix_len, batch_size, device):
+    """Greedy continuations of every training example from its first prefix_len tokens to its
+    full length, written as a dataset folder with the same tokenizer; the validation split is kept.
+    Deterministic: greedy decoding in fp32."""
+    meta = read_meta(data_dir)
+    if meta["layout"] != "examples":
+        raise UserError("hard distillation needs fixed-length examples; prepare the data with --layout=examples")
+    rows = open_split(data_dir, "train")
+    n, length = rows.shape
+    if not 0 < prefix_len < length:
+        raise UserError(f"--prefix_len={prefix_len} must be between 1 and the example length {length - 1}")
+    teacher = teacher.to(device).float().eval()
+    out = np.empty_like(rows)
+    for s in tqdm(range(0, n, batch_size), desc="teacher generations", unit="batch"):
+        prompt = torch.from_numpy(rows[s:s + batch_size, :prefix_len].astype(np.int64)).to(device)
+        new = teacher.generate(prompt, length - prefix_len)
+        out[s:s + batch_size] = torch.cat([prompt, new], dim=1).cpu().numpy()
+    splits = {"train": out, "val": np.array(open_split(data_dir, "val"))}
+    write_dataset(out_dir, os.path.join(data_dir, "tokenizer.model"), splits, "examples",
+                  {"source": f"the teacher's greedy continuations of {prefix_len}-token prefixes of "
+                             f"{os.path.abspath(data_dir)}", "hard_distillation": {"prefix_len": prefix_len}})
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def distill(cfg):
+    check_config(cfg)
+    data_meta = read_meta(cfg.data)
+    check_teacher_fits(cfg.teacher, data_meta, cfg.slice_vocab)
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    teacher = load_teacher(cfg, device)
+    if cfg.kind == "hard":
+        cfg.data = teacher_generations(teacher, cfg, data_meta, device)
+        return train(cfg)  # plain cross-entropy on the teacher's generations
+    # prepare_frozen_model places the teacher in place (device, FSDP sharding) once train.py has
+    # set up the student, so the loss can hold the teacher object from the start.
+    return train(cfg, loss_fn=make_soft_loss(teacher, cfg),
+                 setup_hook=lambda ctx: prepare_frozen_model(teacher, ctx))
+
+
+def teacher_generations(teacher, cfg, data_meta, device):
+    """The hard-distillation dataset folder: made once, reused while teacher, data and prefix stay
+    the same. Under torchrun, rank 0 generates and the other ranks wait for it."""
+    path = cfg.hard_data or os.path.join(cfg.out_dir, "teacher_data")
+    stamp = {"teacher": weights_digest(cfg.teacher), "data_tokenizer": data_meta["tokenizer_sha256"],
+             "data_splits": data_meta["splits"], "prefix_len": cfg.prefix_len}
+    stamp_file = os.path.join(path, "teacher_stamp.json")
+
+    def current():
+        return os.path.isfile(stamp_file) and json.load(open(stamp_file)) == stamp
+
+    if int(os.environ.get("RANK", 0)) == 0:
+        if not current():
+            generate_dataset(teacher, cfg.data, path, cfg.prefix_len, cfg.gen_batch_size, device)
+            tmp = stamp_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(stamp, f)
+            os.replace(tmp, stamp_file)
+    else:
+        deadline = time.time() + 24 * 3600
+        while not current() and time.time() < deadline:
+            time.sleep(2)
+    return path
+
+
+def weights_digest(path):
+    """A cheap fingerprint of a checkpoint's weight files: names, sizes and the first MiB of each."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".pth")):
+            full = os.path.join(path, name)
+            h.update(f"{name}:{os.path.getsize(full)}".encode())
+            with open(full, "rb") as f:
+                h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def main(argv):
+    return distill(parse_config(DistillConfig, argv, prog="distill.py"))
+
+
+if __name__ == "__main__":
+    run_main(main)

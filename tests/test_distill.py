@@ -1,0 +1,208 @@
+"""distill.py: the divergences, the chunked loss and its gradient, hard-distillation data, and runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distill
+from config import UserError
+from distill import ChunkedDistillation, divergence
+from model import ModelArgs, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def direct_kl(p_logits, q_logits, T):
+    """KL(p || q) of softmax(p_logits / T) and softmax(q_logits / T), in float64, from the definition."""
+    p = torch.softmax(p_logits.double() / T, -1)
+    q = torch.softmax(q_logits.double() / T, -1)
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+def chunked_loss(hidden, weight, t_hidden, t_weight, targets, chunk, **kw):
+    opts = dict(chunk=chunk, divergence="forward_kl", temperature=2.0, beta=0.5, alpha=1.0)
+    opts.update(kw)
+    return ChunkedDistillation.apply(hidden, weight, t_hidden, t_weight, targets, opts)
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 4.0])
+def test_forward_kl_equals_the_definition_at_each_temperature(T):
+    s, t = torch.randn(6, 11), torch.randn(6, 11) * 3
+    assert torch.allclose(divergence(s, t, "forward_kl", T).double(), direct_kl(t, s, T), atol=1e-5)
+    assert torch.allclose(divergence(s, t, "reverse_kl", T).double(), direct_kl(s, t, T), atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 3.0])
+def test_chunked_loss_is_T_squared_times_mean_kl(T):
+    torch.manual_seed(0)
+    h, w = torch.randn(10, 8), torch.randn(20, 8)
+    th, tw = torch.randn(10, 5), torch.randn(20, 5)
+    loss, stats = chunked_loss(h, w, th, tw, torch.zeros(10, dtype=torch.long), 4, temperature=T)
+    kl = direct_kl(th @ tw.T, h @ w.T, T).mean()
+    assert torch.allclose(loss.double(), T * T * kl, rtol=1e-5)
+    assert torch.allclose(stats[0].double(), kl, rtol=1e-5)  # the logged value is the KL itself
+
+
+def test_a_student_equal_to_the_teacher_has_zero_loss_and_zero_gradient():
+    h, w = torch.randn(7, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    loss, _ = chunked_loss(h, w, h.detach(), w.detach(), torch.zeros(7, dtype=torch.long), 3)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6
+    assert h.grad.abs().max() < 1e-6 and w.grad.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_chunked_loss_and_gradients_equal_plain_autograd_on_full_logits(kind):
+    torch.manual_seed(1)
+    h, w = torch.randn(13, 8, requires_grad=True), torch.randn(25, 8, requires_grad=True)
+    th, tw = torch.randn(13, 6), torch.randn(25, 6)
+    targets = torch.randint(0, 25, (13,))
+    alpha, T = 0.7, 2.0
+    loss, _ = chunked_loss(h, w, th, tw, targets, 4, divergence=kind, alpha=alpha, temperature=T)
+    loss.backward()
+    got = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    logits = h @ w.T
+    ref = (alpha * T * T * divergence(logits, th @ tw.T, kind, T, 0.5)
+           + (1 - alpha) * F.cross_entropy(logits, targets, reduction="none")).mean()
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert torch.allclose(got[0], h.grad, atol=1e-5) and torch.allclose(got[1], w.grad, atol=1e-5)
+
+
+def test_chunk_size_does_not_change_the_loss():
+    torch.manual_seed(2)
+    args = torch.randn(17, 8), torch.randn(40, 8), torch.randn(17, 8), torch.randn(40, 8)
+    targets = torch.randint(0, 40, (17,))
+    whole, _ = chunked_loss(*args, targets, 17)
+    for chunk in (1, 5, 16):
+        assert torch.allclose(chunked_loss(*args, targets, chunk)[0], whole, atol=1e-6)
+
+
+def test_jsd_tends_to_forward_and_reverse_kl_at_its_limits():
+    s, t = torch.randn(5, 9), torch.randn(5, 9)
+    small, large = 1e-4, 1 - 1e-4
+    assert torch.allclose(divergence(s, t, "jsd", beta=small) / small, divergence(s, t, "forward_kl"), rtol=1e-2)
+    assert torch.allclose(divergence(s, t, "jsd", beta=large) / (1 - large), divergence(s, t, "reverse_kl"), rtol=1e-2)
+
+
+# --- runs on tiny data --------------------------------------------------------------------------
+
+def make_dataset(tmp_path, n=48, length=24, vocab=600, seed=0):
+    """A dataset folder of fixed-length examples with a trained tokenizer, via prepare.py."""
+    from prepare import write_dataset
+    from tokenizer import train_bpe
+    text = " ".join(f"word{i % 97} thing{i % 13}" for i in range(4000))
+    os.makedirs(tmp_path, exist_ok=True)
+    tok_path = str(tmp_path / "tok.model")
+    train_bpe([text], vocab, tok_path, progress=False)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, 300, size=(n + 8, length))
+    rows[:, 0] = vocab - 256  # BOS: the first special token, right after the BPE ranks
+    data = tmp_path / "data"
+    write_dataset(str(data), tok_path, {"train": rows[:n], "val": rows[n:]}, "examples")
+    return data
+
+
+def tiny_run(data, out, **kw):
+    args = {"data": data, "out_dir": out, "dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2,
+            "batch_size": 8, "epochs": 2, "lr": 3e-3, "warmup_steps": 2, "eval_interval": 0,
+            "dtype": "fp32", "log_interval": 1, "seed": 3, **kw}
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def read_losses(out):
+    rows = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    return [r["loss"] for r in rows if r.get("kind") == "train"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A dataset and a slightly wider teacher trained on it, shared by the tests below."""
+    import train
+    tmp = tmp_path_factory.mktemp("teacher")
+    data = make_dataset(tmp)
+    train.main(tiny_run(data, tmp / "teacher", epochs=3, dim=48))
+    return data, tmp / "teacher"
+
+
+@pytest.fixture(scope="module")
+def one_process_student(teacher, tmp_path_factory):
+    data, t = teacher
+    out = tmp_path_factory.mktemp("student") / "one"
+    distill.main(tiny_run(data, out, teacher=t))
+    return out
+
+
+def test_soft_distillation_run_logs_kl_and_writes_a_checkpoint(teacher, tmp_path):
+    data, t = teacher
+    summary = distill.main(tiny_run(data, tmp_path / "s", teacher=t, kd_chunk=50))
+    assert (tmp_path / "s" / "model.safetensors").exists()
+    rows = [json.loads(l) for l in open(tmp_path / "s" / "log.jsonl")]
+    kls = [r["kl"] for r in rows if r.get("kind") == "train"]
+    assert kls[-1] < kls[0]  # the student moves towards the teacher
+    assert "val_kl" in summary and summary["val_kl"] >= 0
+
+
+def test_hard_distillation_data_is_identical_across_two_runs(teacher, tmp_path):
+    data, t = teacher
+    distill.main(tiny_run(data, tmp_path / "h1", teacher=t, kind="hard", prefix_len=6))
+    distill.main(tiny_run(data, tmp_path / "h2", teacher=t, kind="hard", prefix_len=6))
+    a = np.fromfile(tmp_path / "h1" / "teacher_data" / "train.bin", dtype=np.uint16)
+    b = np.fromfile(tmp_path / "h2" / "teacher_data" / "train.bin", dtype=np.uint16)
+    src = np.fromfile(data / "train.bin", dtype=np.uint16).reshape(48, 24)
+    assert np.array_equal(a, b)
+    gen = a.reshape(48, 24)
+    assert np.array_equal(gen[:, :6], src[:, :6])  # the prefixes are the data's
+    teacher_model = Transformer.from_pretrained(str(t))
+    expect = teacher_model.generate(torch.from_numpy(src[:2, :6].astype(np.int64)), 18)
+    assert np.array_equal(gen[:2, 6:], expect.numpy())
+
+
+def test_bad_teacher_settings_are_refused_in_one_sentence(teacher, tmp_path):
+    data, t = teacher
+    with pytest.raises(UserError, match="does not exist"):
+        distill.main(tiny_run(data, tmp_path / "x", teacher=tmp_path / "nope"))
+    with pytest.raises(UserError, match="temperature must be above 0"):
+        distill.main(tiny_run(data, tmp_path / "x", teacher=t, temperature=0))
+    other = make_dataset(tmp_path / "other", vocab=560)
+    with pytest.raises(UserError, match="another tokenizer"):
+        distill.main(tiny_run(other, tmp_path / "x", teacher=t))
+    distill.weights_bytes, saved = (lambda path: 1 << 50), distill.weights_bytes
+    try:
+        with pytest.raises(UserError, match="needs about"):
+            distill.main(tiny_run(data, tmp_path / "x", teacher=t))
+    finally:
+        distill.weights_bytes = saved
+    assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+def test_a_distilled_student_is_closer_to_the_teacher_than_a_baseline(teacher, one_process_student, tmp_path):
+    import train
+    data, t = teacher
+    train.main(tiny_run(data, tmp_path / "base"))
+    tm = Transformer.from_pretrained(str(t))
+    val = torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16).reshape(-1, 24).astype(np.int64))
+
+    def kl_to_teacher(path):
+        m = Transformer.from_pretrained(str(path))
+        with torch.no_grad():
+            return divergence(m(val), tm(val), "forward_kl").mean().item()
+
+    assert kl_to_teacher(one_process_student) < kl_to_teacher(tmp_path / "base")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_distillation_under_torchrun_matches_one_process(teacher, one_process_student, tmp_path, parallel):
+    data, t = teacher
+    port = 29500 + (os.getpid() % 1000) + (parallel == "fsdp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "distill.py", *tiny_run(data, tmp_path / parallel, teacher=t, parallel=parallel)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=240)
+    np.testing.assert_allclose(read_losses(tmp_path / parallel), read_losses(one_process_student), rtol=1e-4)

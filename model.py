@@ -417,7 +417,8 @@ def model_args_from_dict(d):
 def _build(args, state_dict, device, dtype):
     with torch.device("meta"):
         model = Transformer(args)
-    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    for k in list(state_dict):  # one tensor at a time, so the old copy is freed as we go
+        state_dict[k] = state_dict[k].to(device=device, dtype=dtype)
     if args.tie_word_embeddings:
         state_dict.pop("output.weight", None)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
@@ -544,8 +545,9 @@ def load_hf(path, device, dtype):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{path} has a Hugging Face config.json but no .safetensors weights")
-    state = {}
-    for key, w in _load_safetensors_files(files).items():
+    raw, state = _load_safetensors_files(files), {}
+    for key in list(raw):
+        w = raw.pop(key)  # renamed (and un-permuted) one tensor at a time: never two copies
         if key.startswith("model.layers."):
             _, _, i, rest = key.split(".", 3)
             module, param = rest.rsplit(".", 1)

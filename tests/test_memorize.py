@@ -1,0 +1,347 @@
+"""memorize.py: discoverable memorization, per-example features, family comparisons, the
+classifier and filter, the extraction attack's index, the command line and its errors."""
+
+import json
+import math
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import memorize as mem
+from config import UserError
+from model import ModelArgs, Transformer
+from prepare import open_split, read_meta, write_dataset
+from tokenizer import train_bpe
+
+L, P, S = 24, 8, 8  # examples of 24 tokens (BOS included), prefix 8, suffix 8
+N_TRAIN = 16
+TEACHER_ROWS, BASELINE_ROWS = [0, 1, 2, 3, 4, 5], [0, 1, 2]
+SOFT_ROWS, HARD_ROWS = [0, 1], [0, 3]
+# Row 12 copies row 0 except the suffix's 4th token: a model that memorized row 0 continues row
+# 12's prefix with row 0's suffix, which matches row 12's in every position but that one.
+NEAR_COPY, CHANGED_AT = 12, 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a busy machine two threads that wait
+    for each other made these tests ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(seed, vocab_size=512):
+    torch.manual_seed(seed)
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
+                              multiple_of=32, max_seq_len=64))
+    m.init_weights()
+    return m.eval()
+
+
+def train_to_memorize(rows, seed, steps=40):
+    """Full-batch AdamW on a few rows until the model has them by heart."""
+    model = tiny_model(seed).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    x = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A dataset folder of random-token examples and a trained family saved as checkpoints."""
+    root = tmp_path_factory.mktemp("mem")
+    tok = train_bpe(["some text"], 512, str(root / "tok.model"), progress=False)  # bytes only: ids 0..255
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([np.full((N_TRAIN, 1), tok.bos_id), rng.integers(0, 256, (N_TRAIN, L - 1))], 1)
+    rows[NEAR_COPY] = rows[0]
+    rows[NEAR_COPY, P + CHANGED_AT] = (rows[0, P + CHANGED_AT] + 1) % 256
+    val = np.concatenate([np.full((4, 1), tok.bos_id), rng.integers(0, 256, (4, L - 1))], 1)
+    data = str(root / "data")
+    write_dataset(data, str(root / "tok.model"), {"train": rows, "val": val}, "examples")
+    models, paths = {}, {}
+    for i, (name, idx) in enumerate([("teacher", TEACHER_ROWS), ("baseline", BASELINE_ROWS),
+                                     ("student_soft", SOFT_ROWS), ("student_hard", HARD_ROWS)]):
+        models[name] = train_to_memorize(rows[idx], seed=i)
+        paths[name] = str(root / name)
+        models[name].save_pretrained(paths[name], extra={"tokenizer_sha256": tok.sha256})
+    return dict(root=root, data=data, rows=rows, val=val, tok=tok, models=models, paths=paths)
+
+
+def models_arg(w, names=("teacher", "baseline", "student_soft", "student_hard")):
+    return "--models=" + ",".join(f"{n}:{w['paths'][n]}" for n in names)
+
+
+# --- discoverable memorization -------------------------------------------------------------------
+
+def test_trained_model_is_found_memorizing_exactly_its_training_rows(world):
+    flags = mem.memorized_flags(world["models"]["teacher"], open_split(world["data"], "train"), P, S)
+    assert np.flatnonzero(flags).tolist() == TEACHER_ROWS
+
+
+@pytest.mark.parametrize("generated, matches, first", [
+    ([5, 6, 7, 8, 9], 5, 5),  # all match
+    ([0, 6, 7, 8, 9], 4, 0),  # only the first differs
+    ([5, 6, 7, 8, 0], 4, 4),  # only the last differs
+    ([0, 0, 0, 0, 0], 0, 0),
+    ([5, 6, 0, 8, 0], 3, 2),  # matches after a mismatch still count (Pythia's score)
+])
+def test_match_score_counts_matching_positions(generated, matches, first):
+    truth = torch.tensor([[5, 6, 7, 8, 9]])
+    m, f = mem.match_stats(torch.tensor([generated]), truth)
+    assert (m.item(), f.item()) == (matches, first)
+
+
+def test_teacher_forced_flag_equals_greedy_generation(world):
+    cols = mem.measure_examples({"teacher": world["models"]["teacher"]}, world["rows"], P, S, batch_size=5,
+                                generate=True, progress=False)
+    generated_flag = cols["teacher.match_count"] == S
+    assert generated_flag.sum() == len(TEACHER_ROWS)  # the comparison covers both outcomes
+    assert (cols["teacher.memorized"] == generated_flag).all()
+    assert (cols["teacher.first_mismatch"] == cols["teacher.generated_first_mismatch"]).all()
+    # The near copy of a memorized row: greedy decoding misses exactly one token, at CHANGED_AT.
+    assert cols["teacher.match_count"][NEAR_COPY] == S - 1
+    assert cols["teacher.first_mismatch"][NEAR_COPY] == CHANGED_AT
+
+
+def test_batched_results_equal_one_at_a_time(world):
+    models = {n: world["models"][n] for n in ("teacher", "baseline")}
+    kw = dict(generate=True, tokenizer=world["tok"], progress=False)
+    batched = mem.measure_examples(models, world["rows"], P, S, batch_size=7, **kw)
+    single = mem.measure_examples(models, world["rows"], P, S, batch_size=1, **kw)
+    assert batched.keys() == single.keys()
+    for c in batched:
+        np.testing.assert_allclose(batched[c], single[c], rtol=1e-5, atol=1e-5, err_msg=c)
+
+
+def test_shards_over_ranks_concatenate_to_the_whole(world):
+    models = {"teacher": world["models"]["teacher"]}
+    whole = mem.measure_examples(models, world["rows"], P, S, batch_size=4, progress=False)
+    parts = [mem.measure_examples(models, world["rows"], P, S, batch_size=4, rank=r, world=3, progress=False)
+             for r in range(3)]
+    for c in whole:
+        np.testing.assert_allclose(np.concatenate([p[c] for p in parts]), whole[c], rtol=1e-5, err_msg=c)
+
+
+def test_sampling_with_top_k_1_extracts_what_greedy_decoding_does(world):
+    cols = mem.measure_examples({"teacher": world["models"]["teacher"]}, world["rows"], P, S,
+                                sample_tries=2, sample_top_k=1, progress=False)
+    assert (cols["teacher.sampled_memorized"] == cols["teacher.memorized"]).all()
+
+
+# --- features equal direct computations ------------------------------------------------------------
+
+def test_features_equal_a_direct_computation(monkeypatch):
+    monkeypatch.setattr(mem, "CHUNK_ELEMENTS", 3 * 300 * 2)  # logits two positions at a time
+    teacher, baseline = tiny_model(1, vocab_size=300), tiny_model(2, vocab_size=300)
+    for p in list(teacher.parameters()) + list(baseline.parameters()):
+        p.data.mul_(5)  # sharper distributions than the nearly uniform initialization
+    T, prefix, suffix, k_percent = 12, 4, 5, 25.0
+    rows = torch.randint(0, 300, (3, T), generator=torch.Generator().manual_seed(0))
+    cols = mem.example_features({"teacher": teacher, "baseline": baseline}, rows, prefix, suffix, k_percent,
+                                teacher="teacher", baselines=["baseline"])
+    for b in range(3):
+        with torch.no_grad():  # each next-token distribution from its own forward pass on the prefix
+            lt = [teacher(rows[b:b + 1, :t + 1])[0, -1].double().log_softmax(-1) for t in range(T - 1)]
+            lb = [baseline(rows[b:b + 1, :t + 1])[0, -1].double().log_softmax(-1) for t in range(T - 1)]
+        logp = [lt[t][rows[b, t + 1]].item() for t in range(T - 1)]
+        entropies = [-(lt[t].exp() * lt[t]).sum().item() for t in range(T - 1)]
+        kls = [(lt[t].exp() * (lt[t] - lb[t])).sum().item() for t in range(T - 1)]
+        in_suffix = range(prefix - 1, prefix - 1 + suffix)  # position t predicts token t + 1
+        k = max(1, round((T - 1) * k_percent / 100))
+        expected = {
+            "teacher.ppl": math.exp(-sum(logp) / (T - 1)),
+            "teacher.suffix_logprob": sum(logp[t] for t in in_suffix),
+            "teacher.suffix_entropy": sum(entropies[t] for t in in_suffix) / suffix,
+            "teacher.min_k_logprob": sum(sorted(logp)[:k]) / k,
+            "kl_teacher_baseline": sum(kls) / (T - 1),
+        }
+        for c, v in expected.items():
+            assert cols[c][b] == pytest.approx(v, rel=1e-4, abs=1e-5), c
+        greedy_right = [lt[t].argmax().item() == rows[b, t + 1].item() for t in in_suffix]
+        assert cols["teacher.memorized"][b] == all(greedy_right)
+
+
+def test_zlib_entropy_is_the_compressed_size_of_the_example_text(world):
+    tok = world["tok"]
+    texts = ["the cat sat on the mat " * 6, "Quartz glyph jocks vex, dwarf nymph; big fox whelps."]
+    rows = [np.array(tok.encode(t, bos=True)) for t in texts]
+    got = [mem.zlib_entropy(tok, [r])[0] for r in rows]
+    assert got == [len(zlib.compress(t.encode("utf-8"))) for t in texts]
+    assert got[0] < len(texts[0]) / 3  # repetitive text compresses well
+
+
+# --- family comparison ----------------------------------------------------------------------------
+
+def test_family_comparison_counts_on_a_hand_made_set():
+    f = lambda s: np.array([c == "x" for c in s])  # noqa: E731
+    memorized = {
+        "teacher":        f("xxxxxx...."),
+        "baseline":       f("xxx....x.."),
+        "baseline_seed2": f("x..x......"),
+        "student_soft":   f("xx..x...x."),
+        "student_hard":   f("x..xxx...."),
+    }
+    out = mem.compare_family(memorized)
+    assert out["models"]["teacher"] == {"memorized": 6, "memorization_rate": 0.6}
+    assert out["overlap"]["teacher"]["student_hard"] == 4
+    assert out["easy"]["count"] == 4  # rows 0-3: teacher and some baseline seed
+    assert out["teacher_specific"]["count"] == 2  # rows 4, 5: no baseline seed
+    assert out["easy"]["share_soft"] == pytest.approx(2 / 4)  # rows 0, 1 of 0, 1, 4, 8
+    assert out["easy"]["share_hard"] == pytest.approx(2 / 4)  # rows 0, 3 of 0, 3, 4, 5
+    assert out["teacher_specific"]["inherited_soft"] == 1
+    assert out["teacher_specific"]["inherited_hard"] == 2
+    assert out["teacher_specific"]["hard_soft_ratio"] == 2.0
+
+
+def test_single_model_gives_rates_without_family_sets():
+    out = mem.compare_family({"mine": np.array([True, False, False, False])})
+    assert out["models"]["mine"]["memorization_rate"] == 0.25 and "easy" not in out
+
+
+# --- classifier ------------------------------------------------------------------------------------
+
+def test_auc_equals_the_fraction_of_correctly_ordered_pairs():
+    rng = np.random.default_rng(0)
+    scores, labels = rng.integers(0, 5, 40).astype(float), rng.random(40) < 0.4  # many ties
+    pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a in scores[labels] for b in scores[~labels]]
+    assert mem.auc_roc(scores, labels) == pytest.approx(np.mean(pairs))
+
+
+def test_logistic_regression_reaches_its_optimum():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(200, 3))
+    y = (X @ [2.0, -1.0, 0.0] + rng.normal(size=200) > 0.5).astype(float)
+    w = mem.fit_logistic(X, y, l2=1.0)
+    A = np.hstack([np.ones((200, 1)), X])
+    grad = A.T @ (mem.sigmoid(A @ w) - y) + np.r_[0.0, w[1:]]
+    assert np.abs(grad).max() < 1e-6
+    assert w[1] > 0 > w[2]
+
+
+def test_classifier_separates_separable_data_and_not_random_labels():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(400, 4))
+    separable = X[:, 0] < -0.8  # positives have a low first feature, like the paper's zlib entropy
+    good = mem.classifier_trials(X, separable, list("abcd"), trials=20, seed=0)
+    assert good["status"] == "ok" and good["auc_mean"] > 0.98 and good["recall_mean"] > 0.8
+    assert good["coefficients"]["a"]["mean"] < -1
+    noise = mem.classifier_trials(X, rng.random(400) < 0.2, list("abcd"), trials=20, seed=0)
+    assert abs(noise["auc_mean"] - 0.5) < 0.1
+
+
+def test_classifier_reports_too_few_positives_instead_of_crashing():
+    X = np.random.default_rng(3).normal(size=(50, 4))
+    for labels in (np.zeros(50, bool), np.arange(50) < 3):
+        out = mem.classifier_trials(X, labels, list("abcd"), min_positives=10)
+        assert out["status"].startswith("skipped") and out["auc_mean"] is None
+
+
+# --- extraction attack: the training-window index -------------------------------------------------
+
+def test_ngram_index_finds_planted_windows_and_not_absent_ones():
+    rng = np.random.default_rng(4)
+    train = rng.integers(0, 100_000, (20, 30)).astype(np.uint32)
+    index = mem.NgramIndex(train, 8, chunk_rows=3)
+    noise = lambda n: rng.integers(0, 100_000, n)  # noqa: E731
+    samples = np.stack([
+        np.r_[noise(5), train[3, 10:18], noise(7)],  # a whole training window
+        np.r_[noise(5), train[7, 0:12], noise(3)],   # a longer one, from the row's start
+        np.r_[noise(5), train[7, 22:30], noise(7)],  # the last window of a row
+        np.r_[noise(5), train[3, 10:17], noise(8)],  # 7 tokens only
+        np.r_[train[3, 25:30], train[4, 0:3], noise(12)],  # across two rows: not a training window
+        noise(20),
+    ])
+    assert index.contains(samples).tolist() == [True, True, True, False, False, False]
+
+
+def test_extraction_precision_ranks_by_each_score():
+    cols = {"log_ppl": np.array([1.0, 2.0, 3.0, 4.0]), "zlib_entropy": np.array([1.0, 100.0, 1.0, 1.0]),
+            "reference_log_ppl": np.array([1.0, 1.0, 30.0, 1.0])}
+    hits = np.array([False, True, True, False])
+    p = mem.extraction_report(cols, hits, ks=(1, 2))
+    assert p["perplexity"] == {"1": 0.0, "2": 0.5, "4": 0.5}
+    assert p["zlib_ratio"]["1"] == 1.0  # row 1: 2 / 100
+    assert p["reference_ratio"]["1"] == 1.0  # row 2: 3 / 30
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+def test_command_line_writes_the_report(world, tmp_path):
+    out = str(tmp_path / "report")
+    summary = mem.main([f"--data={world['data']}", models_arg(world), f"--out={out}", f"--prefix_len={P}",
+                        f"--suffix_len={S}", "--batch_size=5", "--classifier_min_positives=2",
+                        "--classifier_trials=5", "--extract_samples=6"])
+    m = summary["models"]
+    assert [m[n]["memorized"] for n in m] == [6, 3, 2, 2]
+    assert m["teacher"]["memorization_rate"] == pytest.approx(6 / N_TRAIN)
+    assert m["teacher"]["params"] == world["models"]["teacher"].num_params()
+    # val_ppl: the token-level perplexity of the val rows, computed here directly.
+    with torch.no_grad():
+        x = torch.from_numpy(world["val"].astype(np.int64))
+        nll = F.cross_entropy(world["models"]["baseline"](x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    assert m["baseline"]["val_ppl"] == pytest.approx(math.exp(nll.item()), rel=1e-4)
+    assert summary["easy"]["count"] == 3 and summary["teacher_specific"]["count"] == 3
+    assert summary["teacher_specific"]["inherited_hard"] == 1 and summary["teacher_specific"]["inherited_soft"] == 0
+    assert summary["easy"]["share_soft"] == 1.0 and summary["easy"]["share_hard"] == 0.5
+    assert summary["classifier"]["student"] == "student_soft" and summary["classifier"]["status"] == "ok"
+    assert set(summary["classifier"]["coefficients"]) == set(mem.FEATURES)
+    assert summary["extraction"]["samples"] == 6 and summary["extraction"]["reference"] == "baseline"
+
+    lines = [json.loads(line) for line in open(os.path.join(out, "per_example.jsonl"))]
+    assert [r["index"] for r in lines] == list(range(N_TRAIN))
+    assert lines[0]["teacher"]["memorized"] and not lines[NEAR_COPY]["teacher"]["memorized"]
+    assert lines[0]["teacher"]["match_count"] is None  # needs --generate
+    assert json.load(open(os.path.join(out, "summary.json")))["n_examples"] == N_TRAIN
+    assert "| teacher |" in open(os.path.join(out, "report.md")).read()
+    if summary["figures"]:
+        assert all(os.path.getsize(os.path.join(out, f)) > 0 for f in summary["figures"])
+
+    # The filtered dataset: the training rows without those flagged, the val split as it was.
+    at_risk = json.load(open(os.path.join(out, "at_risk.json")))["indices"]
+    filtered = summary["filter"]["path"]
+    kept = [i for i in range(N_TRAIN) if i not in at_risk]
+    np.testing.assert_array_equal(open_split(filtered, "train"), world["rows"][kept])
+    np.testing.assert_array_equal(open_split(filtered, "val"), world["val"])
+    assert read_meta(filtered)["tokenizer_sha256"] == world["tok"].sha256
+
+
+def test_one_model_alone_is_measured(world, tmp_path):
+    summary = mem.main([f"--data={world['data']}", f"--models={world['paths']['baseline']}",
+                        f"--out={tmp_path}", f"--prefix_len={P}", f"--suffix_len={S}", "--figures=false"])
+    assert summary["models"]["baseline"]["memorized"] == len(BASELINE_ROWS)
+    assert summary["classifier"]["status"].startswith("skipped")
+
+
+def test_errors_name_the_fix(world, tmp_path):
+    base = [f"--data={world['data']}", f"--out={tmp_path / 'r'}", f"--prefix_len={P}", f"--suffix_len={S}"]
+    teacher = f"--models=teacher:{world['paths']['teacher']}"
+    with pytest.raises(UserError, match="exceeds the 24-token examples"):
+        mem.main(base + [teacher, "--suffix_len=20"])
+    with pytest.raises(UserError, match="not one of the students"):
+        mem.main(base + [teacher, "--classifier_student=student_x"])
+    with pytest.raises(UserError, match="missing or incomplete"):
+        mem.main(base + [f"--models=teacher:{tmp_path / 'nowhere'}"])
+    other = tmp_path / "other"
+    world["models"]["teacher"].save_pretrained(str(other), extra={"tokenizer_sha256": "0" * 64})
+    with pytest.raises(UserError, match="another tokenizer"):
+        mem.main(base + [f"--models=teacher:{other}"])
+    empty = str(tmp_path / "empty")
+    write_dataset(empty, str(world["root"] / "tok.model"), {"train": np.zeros((0, L), np.int64)}, "examples")
+    with pytest.raises(UserError, match="empty"):
+        mem.main([f"--data={empty}", teacher])
+    packed = str(tmp_path / "packed")
+    write_dataset(packed, str(world["root"] / "tok.model"), {"train": world["rows"].ravel()}, "packed")
+    with pytest.raises(UserError, match="layout=examples"):
+        mem.main([f"--data={packed}", teacher])
+    assert not os.path.exists(tmp_path / "r")  # nothing written by a failed run

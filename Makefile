@@ -26,36 +26,58 @@ DATA    ?= data/shakespeare_mem
 SEEDS   ?= 1
 START   := $(shell date +%s)
 comma   := ,
-SEED_LIST := $(shell seq 1 $(SEEDS))
-BASELINES := $(foreach s,$(SEED_LIST),$(OUT)/baseline_seed$(s)/model.safetensors)
-MODELS := teacher:$(OUT)/teacher,$(subst $() ,$(comma),$(foreach s,$(SEED_LIST),baseline_seed$(s):$(OUT)/baseline_seed$(s))),student_soft:$(OUT)/student_soft,student_hard:$(OUT)/student_hard
+# The first baseline is "baseline" (seed 1, the students' start); more seeds are baseline_seed2, ...
+BASELINE_NAMES := baseline $(foreach s,$(wordlist 2,$(SEEDS),$(shell seq 1 $(SEEDS))),baseline_seed$(s))
+BASELINES := $(foreach b,$(BASELINE_NAMES),$(OUT)/$(b)/model.safetensors)
+FAMILY := teacher $(BASELINE_NAMES) student_soft student_hard
+MODELS := $(subst $() ,$(comma),$(foreach m,$(FAMILY),$(m):$(OUT)/$(m)))
+TRAIN_CODE := train.py model.py config.py prepare.py
 
 # 0. D: fixed-length examples of the default corpus.
 $(DATA)/meta.json: prepare.py tokenizer.py $(PRESET)/prepare.toml | setup
 	$(PY) prepare.py --config $(PRESET)/prepare.toml --name=$(notdir $(DATA)) --out_dir=$(dir $(DATA))
 
 # 1. The teacher, cross-entropy on D.
-$(OUT)/teacher/model.safetensors: $(DATA)/meta.json $(PRESET)/teacher.toml train.py model.py
+$(OUT)/teacher/model.safetensors: $(DATA)/meta.json $(PRESET)/teacher.toml $(TRAIN_CODE)
 	$(PY) train.py --config $(PRESET)/teacher.toml --data=$(DATA) --out_dir=$(OUT)/teacher --overwrite
 
-# 2. The baseline(s): the student's size, cross-entropy on D, one run per seed.
-$(OUT)/baseline_seed%/model.safetensors: $(DATA)/meta.json $(PRESET)/baseline.toml train.py model.py
+# 2. The baseline(s): the student's size, cross-entropy on D; seed 1, then one run per extra seed.
+$(OUT)/baseline/model.safetensors: $(DATA)/meta.json $(PRESET)/baseline.toml $(TRAIN_CODE)
+	$(PY) train.py --config $(PRESET)/baseline.toml --data=$(DATA) --out_dir=$(OUT)/baseline --seed=1 --overwrite
+$(OUT)/baseline_seed%/model.safetensors: $(DATA)/meta.json $(PRESET)/baseline.toml $(TRAIN_CODE)
 	$(PY) train.py --config $(PRESET)/baseline.toml --data=$(DATA) --out_dir=$(OUT)/baseline_seed$* --seed=$* --overwrite
 
-# 3. The soft student: forward KL to the teacher at T = 2, from the start of baseline seed 1.
-$(OUT)/student_soft/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml distill.py train.py
+# 3. The soft student: forward KL to the teacher at T = 2, with the baseline's seed, start and budget.
+$(OUT)/student_soft/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml distill.py $(TRAIN_CODE)
 	$(PY) distill.py --config $(PRESET)/student.toml --kind=soft --teacher=$(OUT)/teacher --data=$(DATA) --out_dir=$(OUT)/student_soft --seed=1 --overwrite
 
 # 4. The hard student: cross-entropy on the teacher's greedy continuations of D's prefixes.
-$(OUT)/student_hard/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml distill.py train.py
+$(OUT)/student_hard/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml distill.py $(TRAIN_CODE)
 	$(PY) distill.py --config $(PRESET)/student.toml --kind=hard --teacher=$(OUT)/teacher --data=$(DATA) --out_dir=$(OUT)/student_hard --seed=1 --overwrite
 
-# 5. Who memorized what, why, the classifier, the extraction attack, and the report.
-$(OUT)/summary.json: $(OUT)/teacher/model.safetensors $(BASELINES) $(OUT)/student_soft/model.safetensors $(OUT)/student_hard/model.safetensors $(PRESET)/memorize.toml memorize.py
-	$(PY) memorize.py --config $(PRESET)/memorize.toml --data=$(DATA) --models=$(MODELS) --out=$(OUT) --started_at=$(START)
+# 5. Who memorized what and why, the classifier, the extraction attack.
+$(OUT)/memorization/summary.json: $(OUT)/teacher/model.safetensors $(BASELINES) $(OUT)/student_soft/model.safetensors $(OUT)/student_hard/model.safetensors $(PRESET)/memorize.toml memorize.py
+	$(PY) memorize.py --config $(PRESET)/memorize.toml --data=$(DATA) --models=$(MODELS) --out=$(OUT)/memorization
 
-reproduce: $(OUT)/summary.json
-	@cat $(OUT)/headline.txt
+# 6. The report: this run next to the paper.
+reproduce: $(OUT)/memorization/summary.json
+	$(PY) report.py --out=$(OUT) --started_at=$(START)
+
+# The soft student at T = 1, 2, 3, 4 (T = 2 is the one above), measured and added to the report.
+TEMPERATURES := 1 3 4
+sweep-temperature: $(OUT)/memorization/summary.json $(foreach t,$(TEMPERATURES),$(OUT)/sweep/student_T$(t)/model.safetensors)
+	$(PY) memorize.py --config $(PRESET)/memorize.toml --data=$(DATA) --out=$(OUT)/sweep --filter=false --extract_samples=0 \
+	  --models=student_T2:$(OUT)/student_soft,$(subst $() ,$(comma),$(foreach t,$(TEMPERATURES),student_T$(t):$(OUT)/sweep/student_T$(t)))
+	$(PY) report.py --out=$(OUT)
+$(OUT)/sweep/student_T%/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml distill.py $(TRAIN_CODE)
+	$(PY) distill.py --config $(PRESET)/student.toml --kind=soft --temperature=$* --teacher=$(OUT)/teacher --data=$(DATA) --out_dir=$(OUT)/sweep/student_T$* --seed=1 --overwrite
+
+# Distill again on D without the examples the classifier flagged, and count what is memorized.
+filter: $(OUT)/memorization/summary.json
+	$(PY) distill.py --config $(PRESET)/student.toml --kind=soft --teacher=$(OUT)/teacher --data=$(OUT)/memorization/filtered_data --out_dir=$(OUT)/student_filtered --seed=1 --overwrite
+	$(PY) memorize.py --config $(PRESET)/memorize.toml --data=$(OUT)/memorization/filtered_data --out=$(OUT)/filter --filter=false --extract_samples=0 \
+	  --models=student_filtered:$(OUT)/student_filtered
+	$(PY) report.py --out=$(OUT)
 
 clean-reproduce:
 	rm -rf $(OUT) $(DATA)

@@ -100,8 +100,10 @@ CONFIGS = {
                   max_seq_len=1024),
     # GPU presets for the distillation study: a ~100M teacher and a ~20M student (32k vocabulary).
     "gpu-100m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, multiple_of=256, vocab_size=32768,
+                     tie_word_embeddings=True,
                      max_seq_len=2048),
     "gpu-20m": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, multiple_of=256, vocab_size=32768,
+                    tie_word_embeddings=True,
                     max_seq_len=2048),
 }
 

@@ -60,7 +60,7 @@ def findings(s):
         r = ratio(base["memorized"], soft["memorized"])
         add("the soft student memorizes less than the baseline", f"{PAPER['baseline_over_student']}x less",
             f"{base['memorized']} vs {soft['memorized']}" + (f" ({r:.1f}x less)" if r else ""),
-            soft["memorized"] < base["memorized"])
+            soft["memorized"] < base["memorized"] if base["memorized"] else None)
         if base.get("val_ppl") and soft.get("val_ppl"):
             add("... at a better validation perplexity", "lower perplexity than the baseline",
                 f"{soft['val_ppl']:.1f} vs {base['val_ppl']:.1f}", soft["val_ppl"] < base["val_ppl"])

@@ -84,3 +84,18 @@ def test_findings_are_judged_from_the_numbers_not_picked():
     assert verdicts["the soft student inherits under 1% of teacher-specific memorization"] is True
     assert verdicts["hard distillation inherits more teacher-specific examples than soft"] is True
     assert verdicts["low zlib entropy (compressible text) raises the risk"] is False
+
+
+def test_every_preset_file_parses_with_its_scripts_settings():
+    from config import parse_config
+    from distill import DistillConfig
+    from memorize import MemorizeConfig
+    from prepare import PrepareConfig
+    from train import TrainConfig
+    kinds = {"prepare": PrepareConfig, "teacher": TrainConfig, "baseline": TrainConfig,
+             "student": DistillConfig, "memorize": MemorizeConfig}
+    presets = [os.path.join(ROOT, "configs", p) for p in os.listdir(os.path.join(ROOT, "configs"))]
+    assert len(presets) >= 3
+    for preset in presets:
+        for kind, cls in kinds.items():
+            parse_config(cls, ["--config", os.path.join(preset, f"{kind}.toml")])

@@ -19,6 +19,7 @@ import torch
 from config import UserError, parse_config, run_main
 from model import Transformer
 from tokenizer import Tokenizer
+from train import pick_device
 
 
 @dataclass
@@ -47,14 +48,6 @@ def find_tokenizer(cfg):
     raise UserError(f"no tokenizer.model found for {cfg.ckpt}; pass --tokenizer=path/to/tokenizer.model")
 
 
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
 class Printer:
     """Prints one row's new text as tokens arrive. Decoding the whole row each time and printing
     what is new keeps multi-byte characters split over tokens intact."""
@@ -80,7 +73,7 @@ def main(argv):
     if not os.path.isdir(cfg.ckpt):
         raise UserError(f"checkpoint folder {cfg.ckpt!r} does not exist; pass --ckpt=path/to/checkpoint")
     tok = find_tokenizer(cfg)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, 0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
     try:
         model = Transformer.from_pretrained(cfg.ckpt, device=device, dtype=dtype).eval()

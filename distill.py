@@ -43,7 +43,10 @@ class DistillConfig(TrainConfig):
     temperature: float = setting(2.0, "soft: softens both distributions; the loss is scaled by T^2")
     beta: float = setting(0.5, "jsd: mixture weight of the teacher, 0 < beta < 1")
     alpha: float = setting(1.0, "soft: weight of the distillation term; 1 - alpha goes to cross-entropy on the data")
-    kd_chunk: int = setting(1024, "soft: tokens per chunk of the divergence (bounds its memory)")
+    # 512 tokens: with a vocabulary up to 16k a chunk's fp32 (tokens, vocab) tensors stay under 32 MiB,
+    # blocks glibc keeps for reuse; it returns larger ones to the system at every free, and a CPU
+    # step paid ~15% for faulting them back in (bench.py, chunks of 1024 x 8192).
+    kd_chunk: int = setting(512, "soft: tokens per chunk of the divergence (bounds its memory)")
     slice_vocab: bool = setting(False, "accept a teacher whose vocabulary is larger (padded) and use the shared ids")
     prefix_len: int = setting(50, "hard: the teacher continues each example from this many tokens")
     hard_data: str = setting("", "hard: folder for the teacher's generations (default: <out_dir>/teacher_data)")

@@ -46,7 +46,7 @@ class BenchConfig:
     seq_len: int = setting(256, "training tokens per sequence")
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda or mps")
     dtype: str = setting("auto", "training precision: auto (train.py's choice), fp32 or bf16")
-    repeats: int = setting(5, "timed runs of each figure")
+    repeats: int = setting(7, "timed runs of each figure")
     warmup: int = setting(2, "untimed runs before them")
     prompt_len: int = setting(32, "generation: prompt tokens")
     new_tokens: int = setting(96, "generation: new tokens per row")
@@ -261,7 +261,9 @@ def bench_distillation(cfg, args, device, dtype):
     ms = {name: show(name, [1000 * s for s in t], "ms") for name, t in times.items()}
     ratio = ms["distillation step"] / (ms["cross-entropy step"] + ms["teacher forward (logits)"])
     print(f"  distillation step / (cross-entropy step + teacher forward): {ratio:.2f}")
-    if not cfg.skip_memory:
+    if not (device.type == "cuda" or device.type == "cpu" and os.path.exists("/proc/self/clear_refs")):
+        print("  peak memory: measured on CUDA, or on a CPU under Linux only")
+    elif not cfg.skip_memory:
         how = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                else "peak RSS, VmHWM, of a fresh process reset before the step")
         print(f"  peak memory of a step above the weights, teacher and AdamW state held before it ({how}):")

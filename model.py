@@ -2,10 +2,12 @@
 The Llama 3 / 3.1 / 3.2 transformer in one file, in the order of the math.
 
 - `ModelArgs` takes Meta's `params.json` field names, so `ModelArgs(**params)` works.
-- RMSNorm and rotary embeddings (RoPE, theta 500k, Meta's adjacent-pair layout) computed in fp32,
-  with Llama 3.1's frequency scaling for long context (factor 8; Llama 3.2 uses 32).
-- Grouped-query attention through `scaled_dot_product_attention`, a preallocated KV cache, and
-  document masking for packed sequences (Llama 3 paper, section 3.2: no attention across documents).
+- RMSNorm and rotary embeddings (RoPE, theta 500k, Meta's adjacent-pair layout, one complex
+  product) computed in fp32, with Llama 3.1's frequency scaling for long context (factor 8; Llama
+  3.2 uses 32).
+- Grouped-query attention through `scaled_dot_product_attention` (in fp32 on a CPU, where bf16 is
+  slower there), a preallocated KV cache, and document masking for packed sequences (Llama 3
+  paper, section 3.2: no attention across documents).
 - SwiGLU feed-forward with Meta's hidden-size rule; pre-norm blocks; optional tied embeddings (3.2).
 - Batched generation: greedy, temperature, top-k, top-p, stop tokens.
 - `CONFIGS` with the official shapes and small presets; a documented initialization for training.

@@ -84,6 +84,7 @@ $(OUT)/sweep/student_T%/model.safetensors: $(OUT)/teacher/model.safetensors $(PR
 
 # Distill again on D without the examples the classifier flagged, and count what is memorized.
 filter: $(OUT)/memorization/summary.json
+	@test -f $(OUT)/memorization/filtered_data/meta.json || { echo "make filter: there is no filtered dataset, as the classifier did not run; filter.status in $(OUT)/memorization/summary.json says why"; exit 2; }
 	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --teacher=$(OUT)/teacher --data=$(OUT)/memorization/filtered_data --out_dir=$(OUT)/student_filtered --seed=1 --overwrite $(student_args)
 	$(PY) memorize.py --config $(PRESET)/memorize.toml --data=$(OUT)/memorization/filtered_data --out=$(OUT)/filter --filter=false --extract_samples=0 \
 	  --models=student_filtered:$(OUT)/student_filtered

@@ -94,10 +94,12 @@ def sweep_section(path):
     rows = sorted(((float(n.split("_T")[1]), v["memorized"], v["memorization_rate"], v["val_ppl"])
                    for n, v in s["models"].items() if "_T" in n))
     table = {f"T={t:g}": {"memorized": mem, "memorization_rate": rate, "val_ppl": ppl} for t, mem, rate, ppl in rows}
-    falls = all(a[1] >= b[1] for a, b in zip(rows, rows[1:]))
+    counts = [r[1] for r in rows]
+    falls = None if len(set(counts)) < 2 else all(a >= b for a, b in zip(counts, counts[1:]))
     lines = ["\n## Temperature sweep (make sweep-temperature)\n\n",
              "The paper: memorization falls as the temperature rises. "
-             f"This run: {'it does' if falls else 'it does not fall monotonically'}.\n\n",
+             "This run: " + {True: "it does", False: "it does not fall monotonically",
+                             None: "cannot tell, every student memorized as many"}[falls] + ".\n\n",
              "| temperature | memorized | rate | val ppl |\n|---|---|---|---|\n"]
     lines += [f"| {t:g} | {mem} | {100 * rate:.1f}% | {ppl:.1f} |\n" for t, mem, rate, ppl in rows]
     if os.path.isfile(os.path.join(os.path.dirname(path), "memorization_rate.png")):

@@ -19,28 +19,7 @@ Measuring memorization in one model or a family of models (Borkar et al. 2026, a
 - Streams the memory-mapped split (flat memory at a million examples); shards it over ranks under
   torchrun. Writes per_example.jsonl, summary.json, report.md and PNG figures, atomically.
 
-summary.json (paste into the README):
-  n_examples, split, prefix_len, suffix_len, example_len, data, config
-  models.<name>: role, path, params, val_ppl (token-level, the val split's examples),
-      memorized, memorization_rate, mean_log_ppl, mean_suffix_entropy, mean_min_k_logprob;
-      with --generate: generated_memorized, flag_disagreements, mean_match_fraction;
-      with --sample_tries: sampled_memorized
-  overlap.<a>.<b>: examples memorized by both a and b
-  easy: count (memorized by the teacher and at least one baseline seed), share_<s> (the share of
-      student s's memorized examples inside it; null when s memorized none), baselines
-  teacher_specific: count (memorized by the teacher and by no baseline seed), inherited_<s>,
-      hard_soft_ratio (inherited_hard / inherited_soft; null when either student is missing or
-      soft inherited none)
-  classifier (for one student; classifiers.<student> for each): status, student, features,
-      n_positives, n_negatives, trials, auc_mean, auc_std, recall_mean, recall_std,
-      precision_mean, precision_std, coefficients.<feature>.{mean,std} (standardized features), roc
-  filter: at_risk, kept, threshold, path (the filtered dataset folder), or status
-  extraction: samples, target, reference, window, hits, precision.<score>.<k>
-A <s> is the student's name without "student_" (student_soft -> soft). Unavailable numbers are null.
-per_example.jsonl, one line per example: index, zlib_entropy, kl_teacher_<baseline>,
-  at_risk_probability (when the filter ran), and per model {memorized, first_mismatch, log_ppl, ppl,
-  suffix_logprob, suffix_entropy, min_k_logprob, match_count, match_fraction (null without
-  --generate), sampled_memorized (with --sample_tries)}.
+The schema of summary.json and per_example.jsonl is in the README ("out/reproduce/summary.json").
 """
 
 import json

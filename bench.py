@@ -5,7 +5,8 @@ transformers running the same model, the same weights and the same batch in the 
 - Training step as train.py takes it (forward, cross-entropy, backward, gradient clipping, AdamW):
   tokens/s and MFU, in the training precision (`--dtype`, auto = train.py's choice) and in fp32.
   MFU uses train.py's FLOP count and peak: measured matmuls on a CPU, nominal bf16 peak on known GPUs.
-- Greedy generation with the KV cache: new tokens/s (prefill included) at batch 1 and 8.
+- Greedy generation with the KV cache: new tokens/s (prefill included) at batch 1 and 8, and how
+  close that comes to the memory-bandwidth bound (every step reads all weights and the cache).
 - Discoverable memorization at P = S = 50: examples/s of memorize.py's teacher-forced flags, of our
   generate, and of a loop calling transformers' generate per batch; the flags must agree.
 - A soft-distillation step (distill.py's loss, a teacher twice as wide) next to a cross-entropy step
@@ -16,6 +17,7 @@ transformers running the same model, the same weights and the same batch in the 
 
     python bench.py                                   # the "bench" shape, batch 8 x 256
     python bench.py --model=small --repeats=10 --skip_hf
+    python bench.py --model=llama3.2-1b --batch_size=4 --seq_len=2048 --compile --skip_hf  # one GPU
 """
 
 import dataclasses
@@ -36,7 +38,7 @@ from config import parse_config, run_main
 from distill import DistillConfig, make_soft_loss
 from model import CONFIGS, ModelArgs, Transformer
 from train import (Context, TrainConfig, accumulate_gradients, clip_gradients, cross_entropy_loss,
-                   flops_per_token, make_optimizer, peak_flops, pick_device, pick_dtype, setting)
+                   flops_per_token, make_optimizer, parallelize, peak_flops, pick_device, pick_dtype, setting)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class BenchConfig:
     mem_examples: int = setting(64, "memorization: examples per timed run (half of them memorized by construction)")
     mem_batch_size: int = setting(32, "memorization: examples per batch")
     teacher_scale: int = setting(2, "distillation: the teacher is this many times wider (dim, heads, FFN)")
+    compile: bool = setting(False, "training step: torch.compile each block, as train.py --compile does")
     skip_hf: bool = setting(False, "do not run transformers next to this project")
     skip_memory: bool = setting(False, "do not measure peak memory")
     seed: int = setting(0, "weights and tokens")
@@ -166,6 +169,7 @@ def bench_training(cfg, args, device, dtype, with_hf):
         ctx = Context(TrainConfig(), device, dt)
         peaks[dt] = max(peak_flops(ctx) for _ in range(3))
         ours = build_model(args, cfg.seed, device)
+        parallelize(ours, ctx, TrainConfig(compile=cfg.compile))  # one process: only --compile acts
         runs[f"ours {name_of(dt)}"] = (ours, make_optimizer(ours, TrainConfig(), device), cross_entropy_loss, ctx)
         if with_hf:
             theirs = hf_copy(ours)
@@ -184,11 +188,51 @@ def bench_training(cfg, args, device, dtype, with_hf):
     return rates
 
 
+# Nominal memory bandwidth of known GPUs, bytes/s (the first name found in the device's name wins).
+GPU_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "B200": 8.0e12, "A100-SXM4-80GB": 2.04e12}
+
+
+def memory_bandwidth(device):
+    """(bytes/s, how it was found) for the decoding bound: a known GPU's nominal figure, else
+    measured: bytes read plus bytes written per second copying a tensor larger than any cache."""
+    x = torch.ones(64 << 20 if device.type == "cpu" else 256 << 20, device=device)  # 256 MiB / 1 GiB
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(10):  # the fastest copy: a bound is what the memory can do, not what it did once
+        sync(device)
+        t0 = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    measured = 2 * x.numel() * x.element_size() / min(times[1:])
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, nominal in GPU_BANDWIDTH.items():
+            if key in name:
+                return nominal, f"nominal for {name}; a copy measured {measured / 1e9:,.0f} GB/s"
+    return measured, f"measured with a {x.numel() * x.element_size() >> 20} MiB copy on {device.type}"
+
+
+def decode_bytes(model, batch, context):
+    """Bytes one decoding step must read at least: every weight (the embedding table only when the
+    output layer shares it) and the keys and values of `context` earlier positions per row."""
+    a = model.args
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not a.tie_word_embeddings:
+        weights -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    cache = 2 * a.n_layers * batch * a.n_kv_heads * a.head_dim * context * model.tok_embeddings.weight.element_size()
+    return weights + cache
+
+
 def bench_generation(cfg, args, device, model, hf):
     section(f"greedy generation with the KV cache: prompt {cfg.prompt_len}, {cfg.new_tokens} new tokens, fp32 "
             "(and our model with bf16 weights, as sample.py --dtype=bf16 loads it)")
     half = build_model(args, cfg.seed, device).to(torch.bfloat16).eval()
     half.init_rope()  # the rotary table stays fp32, as from_pretrained(dtype=bf16) keeps it
+    bandwidth, source = memory_bandwidth(device)
+    context = cfg.prompt_len + cfg.new_tokens / 2  # the cache's mean length while decoding
+    print(f"  memory bandwidth {bandwidth / 1e9:,.0f} GB/s ({source}); bound = batch x bandwidth / bytes "
+          f"one step reads (weights, and the cache at {context:.0f} positions)")
     rates = {}
     for b in (1, 8):
         prompt = torch.randint(0, args.vocab_size, (b, cfg.prompt_len), generator=torch.Generator().manual_seed(b))
@@ -198,7 +242,9 @@ def bench_generation(cfg, args, device, model, hf):
         if hf is not None:
             fns[f"transformers generate, batch {b}"] = lambda: hf_generate(hf, prompt, cfg.new_tokens)
         for name, t in time_in_turn(fns, cfg, device).items():
-            rates[name] = show(name, [b * cfg.new_tokens / s for s in t], "tokens/s")
+            bound = b * bandwidth / decode_bytes(half if "bf16" in name else model, b, context)
+            rate = [b * cfg.new_tokens / s for s in t]
+            rates[name] = show(name, rate, "tokens/s", f"{statistics.median(rate) / bound:.0%} of the bandwidth bound")
         ours = model.generate(prompt, cfg.new_tokens)
         agree = [f"{name.split(',')[0]} {(fn() == ours).float().mean().item():.0%}" for name, fn in list(fns.items())[1:]]
         print(f"  tokens equal to ours (fp32) at batch {b}: " + ", ".join(agree))

@@ -17,7 +17,8 @@ transformers running the same model, the same weights and the same batch in the 
 
     python bench.py                                   # the "bench" shape, batch 8 x 256
     python bench.py --model=small --repeats=10 --skip_hf
-    python bench.py --model=llama3.2-1b --batch_size=4 --seq_len=2048 --compile --skip_hf  # one GPU
+    python bench.py --model=llama3.2-1b --batch_size=4 --seq_len=2048 --compile --skip_hf \
+        --sections=training,generation                                  # the check on one GPU
 """
 
 import dataclasses
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import memorize
-from config import parse_config, run_main
+from config import UserError, parse_config, run_main
 from distill import DistillConfig, make_soft_loss
 from model import CONFIGS, ModelArgs, Transformer
 from train import (Context, TrainConfig, accumulate_gradients, clip_gradients, cross_entropy_loss,
@@ -57,6 +58,7 @@ class BenchConfig:
     mem_examples: int = setting(64, "memorization: examples per timed run (half of them memorized by construction)")
     mem_batch_size: int = setting(32, "memorization: examples per batch")
     teacher_scale: int = setting(2, "distillation: the teacher is this many times wider (dim, heads, FFN)")
+    sections: str = setting("training,generation,memorization,distillation", "which figures, comma-separated")
     compile: bool = setting(False, "training step: torch.compile each block, as train.py --compile does")
     skip_hf: bool = setting(False, "do not run transformers next to this project")
     skip_memory: bool = setting(False, "do not measure peak memory")
@@ -402,6 +404,11 @@ def transformers_copy(cfg, model, args, device):
 
 
 def bench(cfg):
+    sections = cfg.sections.split(",")
+    unknown = set(sections) - {"training", "generation", "memorization", "distillation"}
+    if unknown:
+        raise UserError(f"--sections: unknown {', '.join(sorted(unknown))}; pick from training, generation, "
+                        "memorization, distillation")
     device = pick_device(cfg.device, 0)
     dtype = pick_dtype(cfg.dtype, device)
     args = model_args(cfg)
@@ -409,27 +416,31 @@ def bench(cfg):
     describe(cfg, args, model, device, dtype)
     hf = transformers_copy(cfg, model, args, device)
 
-    train = bench_training(cfg, args, device, dtype, hf is not None)
-    gen = bench_generation(cfg, args, device, model, hf)
-    mem = bench_memorization(cfg, args, device, model, hf)
-    kd_ratio = bench_distillation(cfg, args, device, dtype)
+    train = bench_training(cfg, args, device, dtype, hf is not None) if "training" in sections else None
+    gen = bench_generation(cfg, args, device, model, hf) if "generation" in sections else None
+    mem = bench_memorization(cfg, args, device, model, hf) if "memorization" in sections else None
+    kd_ratio = bench_distillation(cfg, args, device, dtype) if "distillation" in sections else None
 
-    section("ratios (target)")
     dt, lines = name_of(dtype), []
-    if hf is not None:
+    if hf is not None and train:
         lines += [(f"training, ours {dt} / transformers fp32", train[f"ours {dt}"] / train["transformers fp32"], ">= 3x on a CPU"),
                   ("training, ours fp32 / transformers fp32", train["ours fp32"] / train["transformers fp32"], ">= 1x")]
         if dtype != torch.float32:
             lines.append((f"training, ours {dt} / transformers {dt} autocast",
                           train[f"ours {dt}"] / train[f"transformers {dt} autocast"], "same precision"))
+    if hf is not None and gen:
         for b, target in ((1, ">= 3x"), (8, ">= 1.5x")):
             theirs = gen[f"transformers generate, batch {b}"]
             lines += [(f"generation at batch {b}, ours / transformers, fp32", gen[f"ours, batch {b}"] / theirs, target),
                       (f"generation at batch {b}, ours bf16 weights / transformers fp32",
                        gen[f"ours bf16 weights, batch {b}"] / theirs, "not the same precision")]
+    if hf is not None and mem:
         lines.append(("memorization, memorized_flags / transformers generate loop",
                       mem["ours, teacher-forced (memorized_flags)"] / mem["transformers generate per batch"], ">= 3x"))
-    lines.append(("distillation step / (cross-entropy step + teacher forward)", kd_ratio, "<= 1.15"))
+    if kd_ratio is not None:
+        lines.append(("distillation step / (cross-entropy step + teacher forward)", kd_ratio, "<= 1.15"))
+    if lines:
+        section("ratios (target)")
     for label, value, target in lines:
         print(f"  {label:<62} {value:>6.2f}  ({target})")
 

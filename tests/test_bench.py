@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bench
-from config import parse_config
+from config import UserError, parse_config
 from model import ModelArgs, Transformer
 
 
@@ -44,3 +44,9 @@ def test_decode_bytes_counts_weights_once_and_the_cache_per_row_and_position():
     assert bench.decode_bytes(untied, 3, 10) - bench.decode_bytes(untied, 3, 0) == 3 * 10 * per_position
     # bf16 weights and cache: half the bytes
     assert bench.decode_bytes(untied.to(torch.bfloat16), 3, 10) * 2 == bench.decode_bytes(untied.float(), 3, 10)
+
+
+def test_an_unknown_section_is_named_before_any_work():
+    cfg = parse_config(bench.BenchConfig, ["--sections=training,decoding"])
+    with pytest.raises(UserError, match="unknown decoding; pick from training, generation"):
+        bench.bench(cfg)

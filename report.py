@@ -76,7 +76,8 @@ def findings(s):
         r = ratio(ts["inherited_hard"], ts["inherited_soft"])
         add("hard distillation inherits more teacher-specific examples than soft", f"{PAPER['hard_over_soft']}x",
             f"{ts['inherited_hard']} vs {ts['inherited_soft']}" + (f" ({r:.1f}x)" if r else ""),
-            ts["inherited_hard"] > ts["inherited_soft"] if ts.get("count") else None)
+            # neither inheriting any says nothing about which inherits more
+            ts["inherited_hard"] > ts["inherited_soft"] if ts["inherited_hard"] or ts["inherited_soft"] else None)
     if clf.get("auc_mean") is not None:
         add("pre-distillation features predict the student's memorization", f"AUC {PAPER['auc']}",
             f"AUC {clf['auc_mean']:.4f} ± {clf['auc_std']:.4f}", clf["auc_mean"] >= 0.9)

@@ -84,6 +84,9 @@ def test_findings_are_judged_from_the_numbers_not_picked():
     assert verdicts["the soft student inherits under 1% of teacher-specific memorization"] is True
     assert verdicts["hard distillation inherits more teacher-specific examples than soft"] is True
     assert verdicts["low zlib entropy (compressible text) raises the risk"] is False
+    s["teacher_specific"]["inherited_hard"] = 0  # neither student inherits any: the run cannot tell
+    verdicts = {f["finding"]: f["reproduced"] for f in report.findings(s)}
+    assert verdicts["hard distillation inherits more teacher-specific examples than soft"] is None
 
 
 def test_every_preset_file_parses_with_its_scripts_settings():

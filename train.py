@@ -349,14 +349,11 @@ def cross_entropy_loss(model, batch):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW; weight decay only on matrices (embeddings, projections), not on the norms' gains.
-    The fused kernel does the whole update in one pass over each tensor: on 2 CPU cores it steps
-    15.7M parameters in 11 ms against 52 ms for the default multi-tensor one."""
+    """AdamW; weight decay only on matrices (embeddings, projections), not on the norms' gains."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type in ("cuda", "cpu"))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
 def lr_at(step, cfg, total_steps):

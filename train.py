@@ -349,7 +349,9 @@ def cross_entropy_loss(model, batch):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW; weight decay only on matrices (embeddings, projections), not on the norms' gains."""
+    """AdamW; weight decay only on matrices (embeddings, projections), not on the norms' gains.
+    Fused on CUDA. On a CPU the fused kernel is also 4-5x faster per step, but it rounds differently,
+    and that alone changes the default reproduction's outcome (README, "How much one run says")."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]

@@ -194,19 +194,14 @@ def bench_training(cfg, args, device, dtype, with_hf):
 GPU_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "B200": 8.0e12, "A100-SXM4-80GB": 2.04e12}
 
 
-def memory_bandwidth(device):
+def memory_bandwidth(cfg, device):
     """(bytes/s, how it was found) for the decoding bound: a known GPU's nominal figure, else
     measured: bytes read plus bytes written per second copying a tensor larger than any cache."""
     x = torch.ones(64 << 20 if device.type == "cpu" else 256 << 20, device=device)  # 256 MiB / 1 GiB
     y = torch.empty_like(x)
-    times = []
-    for _ in range(10):  # the fastest copy: a bound is what the memory can do, not what it did once
-        sync(device)
-        t0 = time.perf_counter()
-        y.copy_(x)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    measured = 2 * x.numel() * x.element_size() / min(times[1:])
+    # The fastest of 9 copies: a bound is what the memory can do, not what it did once.
+    times = time_in_turn({"copy": lambda: y.copy_(x)}, dataclasses.replace(cfg, warmup=1, repeats=9), device)
+    measured = 2 * x.numel() * x.element_size() / min(times["copy"])
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, nominal in GPU_BANDWIDTH.items():
@@ -231,7 +226,7 @@ def bench_generation(cfg, args, device, model, hf):
             "(and our model with bf16 weights, as sample.py --dtype=bf16 loads it)")
     half = build_model(args, cfg.seed, device).to(torch.bfloat16).eval()
     half.init_rope()  # the rotary table stays fp32, as from_pretrained(dtype=bf16) keeps it
-    bandwidth, source = memory_bandwidth(device)
+    bandwidth, source = memory_bandwidth(cfg, device)
     context = cfg.prompt_len + cfg.new_tokens / 2  # the cache's mean length while decoding
     print(f"  memory bandwidth {bandwidth / 1e9:,.0f} GB/s ({source}); bound = batch x bandwidth / bytes "
           f"one step reads (weights, and the cache at {context:.0f} positions)")

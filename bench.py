@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 
 import memorize
-from config import UserError, parse_config, run_main
+from config import UserError, parse_config, run_main, setting
 from distill import DistillConfig, make_soft_loss
 from model import CONFIGS, ModelArgs, Transformer
 from train import (Context, TrainConfig, accumulate_gradients, clip_gradients, cross_entropy_loss,
-                   flops_per_token, make_optimizer, parallelize, peak_flops, pick_device, pick_dtype, setting)
+                   flops_per_token, make_optimizer, parallelize, peak_flops, pick_device, pick_dtype)
 
 
 @dataclass

@@ -15,6 +15,11 @@ import tomllib
 import typing
 
 
+def setting(default, help):
+    """A dataclass field with its --help text: `lr: float = setting(3e-4, "peak learning rate")`."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 class UserError(Exception):
     """A mistake the user can fix; the message is one sentence that says how."""
 

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from config import UserError, parse_config, run_main
+from config import UserError, parse_config, run_main, setting
 from model import Transformer, read_checkpoint_meta
 from prepare import open_split, read_meta, write_dataset
-from train import TrainConfig, pick_device, prepare_frozen_model, setting, train, unwrap
+from train import TrainConfig, pick_device, prepare_frozen_model, train, unwrap
 
 
 @dataclass

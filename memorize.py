@@ -26,14 +26,14 @@ import json
 import math
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import UserError, config_dict, parse_config, run_main
+from config import UserError, config_dict, parse_config, run_main, setting
 from model import Transformer, checkpoint_format, read_checkpoint_meta
 from prepare import open_split, read_meta, write_dataset
 from tokenizer import Tokenizer
@@ -46,39 +46,37 @@ FEATURES = ("zlib_entropy", "teacher_log_ppl", "baseline_log_ppl", "kl_teacher_b
 
 @dataclass
 class MemorizeConfig:
-    data: str = field(default="", metadata={"help": "dataset folder (layout examples) the models were trained on"})
-    models: str = field(default="", metadata={
-        "help": "comma-separated name:path; names teacher, baseline*, student_* carry roles"})
-    out: str = field(default="out/memorize", metadata={"help": "report folder"})
-    split: str = field(default="train", metadata={"help": "which split's examples to test"})
-    prefix_len: int = field(default=50, metadata={"help": "P, prompt tokens (BOS included)"})
-    suffix_len: int = field(default=50, metadata={"help": "S, tokens to reproduce"})
-    max_examples: int | None = field(default=None, metadata={"help": "test only the first N examples"})
-    batch_size: int = field(default=32, metadata={"help": "examples per forward pass (memory: models x B x L x dim)"})
-    generate: bool = field(default=False, metadata={
-        "help": "also greedy-decode every suffix for Pythia's match score (about one more pass per model)"})
-    sample_tries: int = field(default=0, metadata={"help": "sampling-based extraction: samples per prefix (0: off)"})
-    sample_top_k: int = field(default=40, metadata={"help": "top-k of the sampling-based extraction"})
-    min_k_percent: float = field(default=20.0, metadata={"help": "k of Min-K% probability"})
-    val_examples: int | None = field(default=None, metadata={"help": "cap on val examples for val_ppl"})
-    classifier_student: str = field(default="", metadata={"help": "student the classifier predicts (default: first)"})
-    classifier_trials: int = field(default=100, metadata={"help": "resampled train/test splits (paper: 100)"})
-    classifier_neg_ratio: int = field(default=3, metadata={"help": "negatives per positive (paper: 3)"})
-    classifier_test_fraction: float = field(default=0.3, metadata={"help": "held out per trial (paper: 0.3)"})
-    classifier_min_positives: int = field(default=10, metadata={"help": "fewer memorized examples: no classifier"})
-    filter: bool = field(default=True, metadata={"help": "write a dataset without the examples predicted at risk"})
-    filter_threshold: float = field(default=0.5, metadata={"help": "predicted probability that counts as at risk"})
-    filter_out: str = field(default="", metadata={"help": "filtered dataset folder (default: <out>/filtered_data)"})
-    extract_samples: int = field(default=0, metadata={"help": "Carlini et al. 2021 attack: samples (0: off)"})
-    extract_len: int = field(default=0, metadata={"help": "tokens per sample (0: example_len - 1)"})
-    extract_top_k: int = field(default=40, metadata={"help": "top-k sampling of the attack (Carlini et al.: 40)"})
-    extract_model: str = field(default="", metadata={"help": "attacked model (default: teacher, else the first)"})
-    extract_reference: str = field(default="", metadata={
-        "help": "model name for the ratio score (default: first baseline; 'none' to skip)"})
-    extract_window: int = field(default=0, metadata={"help": "training window that counts as extracted (0: S)"})
-    figures: bool = field(default=True, metadata={"help": "PNG figures (needs matplotlib)"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu), cpu, cuda, mps"})
-    seed: int = field(default=1337, metadata={"help": "seeds the classifier's resampling and all sampling"})
+    data: str = setting("", "dataset folder (layout examples) the models were trained on")
+    models: str = setting("", "comma-separated name:path; names teacher, baseline*, student_* carry roles")
+    out: str = setting("out/memorize", "report folder")
+    split: str = setting("train", "which split's examples to test")
+    prefix_len: int = setting(50, "P, prompt tokens (BOS included)")
+    suffix_len: int = setting(50, "S, tokens to reproduce")
+    max_examples: int | None = setting(None, "test only the first N examples")
+    batch_size: int = setting(32, "examples per forward pass (memory: models x B x L x dim)")
+    generate: bool = setting(False, "also greedy-decode every suffix for Pythia's match score "
+                                    "(about one more pass per model)")
+    sample_tries: int = setting(0, "sampling-based extraction: samples per prefix (0: off)")
+    sample_top_k: int = setting(40, "top-k of the sampling-based extraction")
+    min_k_percent: float = setting(20.0, "k of Min-K% probability")
+    val_examples: int | None = setting(None, "cap on val examples for val_ppl")
+    classifier_student: str = setting("", "student the classifier predicts (default: first)")
+    classifier_trials: int = setting(100, "resampled train/test splits (paper: 100)")
+    classifier_neg_ratio: int = setting(3, "negatives per positive (paper: 3)")
+    classifier_test_fraction: float = setting(0.3, "held out per trial (paper: 0.3)")
+    classifier_min_positives: int = setting(10, "fewer memorized examples: no classifier")
+    filter: bool = setting(True, "write a dataset without the examples predicted at risk")
+    filter_threshold: float = setting(0.5, "predicted probability that counts as at risk")
+    filter_out: str = setting("", "filtered dataset folder (default: <out>/filtered_data)")
+    extract_samples: int = setting(0, "Carlini et al. 2021 attack: samples (0: off)")
+    extract_len: int = setting(0, "tokens per sample (0: example_len - 1)")
+    extract_top_k: int = setting(40, "top-k sampling of the attack (Carlini et al.: 40)")
+    extract_model: str = setting("", "attacked model (default: teacher, else the first)")
+    extract_reference: str = setting("", "model name for the ratio score (default: first baseline; 'none' to skip)")
+    extract_window: int = setting(0, "training window that counts as extracted (0: S)")
+    figures: bool = setting(True, "PNG figures (needs matplotlib)")
+    device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, mps")
+    seed: int = setting(1337, "seeds the classifier's resampling and all sampling")
 
 
 # ----------------------------------------------------------------------------------------------

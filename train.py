@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -40,13 +40,9 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from config import UserError, config_dict, parse_config, run_main
+from config import UserError, config_dict, parse_config, run_main, setting
 from model import CONFIGS, ModelArgs, Transformer, doc_ids_from_bos, read_checkpoint_meta
 from prepare import file_sha256, open_split, read_meta
-
-
-def setting(default, help):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

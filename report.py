@@ -49,7 +49,7 @@ def ratio(a, b):
 def findings(s):
     """Each of the paper's findings, this run's numbers, and whether they point the same way."""
     m, out = s["models"], []
-    base, soft, hard = m.get("baseline"), m.get("student_soft"), m.get("student_hard")
+    base, soft = m.get("baseline"), m.get("student_soft")
     ts, easy, clf = s.get("teacher_specific", {}), s.get("easy", {}), s.get("classifier", {})
 
     def add(name, paper, ours, holds):

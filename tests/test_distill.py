@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import distill
 from config import UserError
 from distill import ChunkedDistillation, divergence
-from model import ModelArgs, Transformer
+from model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,6 @@ counts agree with the per-example records, and a rerun skips the steps whose inp
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest

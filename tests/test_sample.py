@@ -6,7 +6,7 @@ import torch
 import sample
 from config import UserError
 from model import ModelArgs, Transformer
-from tokenizer import Tokenizer, train_bpe
+from tokenizer import train_bpe
 
 TEXT = "To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer. " * 20
 

@@ -66,7 +66,7 @@ $(OUT)/student_hard/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET
 	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=hard --teacher=$(OUT)/teacher --data=$(DATA) --out_dir=$(OUT)/student_hard --seed=1 --overwrite $(student_args)
 
 # 5. Who memorized what and why, the classifier, the extraction attack.
-$(OUT)/memorization/summary.json: $(OUT)/teacher/model.safetensors $(BASELINES) $(OUT)/student_soft/model.safetensors $(OUT)/student_hard/model.safetensors $(PRESET)/memorize.toml memorize.py
+$(OUT)/memorization/summary.json: $(OUT)/teacher/model.safetensors $(BASELINES) $(OUT)/student_soft/model.safetensors $(OUT)/student_hard/model.safetensors $(PRESET)/memorize.toml memorize.py classifier.py
 	$(LAUNCH) memorize.py --config $(PRESET)/memorize.toml --data=$(DATA) --models=$(MODELS) --out=$(OUT)/memorization
 
 # 6. The report: this run next to the paper.

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import classifier
 import memorize as mem
 from config import UserError
 from model import ModelArgs, Transformer
@@ -215,16 +216,16 @@ def test_auc_equals_the_fraction_of_correctly_ordered_pairs():
     rng = np.random.default_rng(0)
     scores, labels = rng.integers(0, 5, 40).astype(float), rng.random(40) < 0.4  # many ties
     pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a in scores[labels] for b in scores[~labels]]
-    assert mem.auc_roc(scores, labels) == pytest.approx(np.mean(pairs))
+    assert classifier.auc_roc(scores, labels) == pytest.approx(np.mean(pairs))
 
 
 def test_logistic_regression_reaches_its_optimum():
     rng = np.random.default_rng(1)
     X = rng.normal(size=(200, 3))
     y = (X @ [2.0, -1.0, 0.0] + rng.normal(size=200) > 0.5).astype(float)
-    w = mem.fit_logistic(X, y, l2=1.0)
+    w = classifier.fit_logistic(X, y, l2=1.0)
     A = np.hstack([np.ones((200, 1)), X])
-    grad = A.T @ (mem.sigmoid(A @ w) - y) + np.r_[0.0, w[1:]]
+    grad = A.T @ (classifier.sigmoid(A @ w) - y) + np.r_[0.0, w[1:]]
     assert np.abs(grad).max() < 1e-6
     assert w[1] > 0 > w[2]
 
@@ -233,17 +234,17 @@ def test_classifier_separates_separable_data_and_not_random_labels():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(400, 4))
     separable = X[:, 0] < -0.8  # positives have a low first feature, like the paper's zlib entropy
-    good = mem.classifier_trials(X, separable, list("abcd"), trials=20, seed=0)
+    good = classifier.classifier_trials(X, separable, list("abcd"), trials=20, seed=0)
     assert good["status"] == "ok" and good["auc_mean"] > 0.98 and good["recall_mean"] > 0.8
     assert good["coefficients"]["a"]["mean"] < -1
-    noise = mem.classifier_trials(X, rng.random(400) < 0.2, list("abcd"), trials=20, seed=0)
+    noise = classifier.classifier_trials(X, rng.random(400) < 0.2, list("abcd"), trials=20, seed=0)
     assert abs(noise["auc_mean"] - 0.5) < 0.1
 
 
 def test_classifier_reports_too_few_positives_instead_of_crashing():
     X = np.random.default_rng(3).normal(size=(50, 4))
     for labels in (np.zeros(50, bool), np.arange(50) < 3):
-        out = mem.classifier_trials(X, labels, list("abcd"), min_positives=10)
+        out = classifier.classifier_trials(X, labels, list("abcd"), min_positives=10)
         assert out["status"].startswith("skipped") and out["auc_mean"] is None
 
 

@@ -248,6 +248,7 @@ def distill(cfg):
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     teacher = load_teacher(cfg, device)
     if cfg.kind == "hard":
+        cfg.mem_data = cfg.mem_data or cfg.data  # memorization is of D, not of the teacher's generations
         cfg.data = teacher_generations(teacher, cfg, data_meta, device)
         return train(cfg)  # plain cross-entropy on the teacher's generations
     # prepare_frozen_model places the teacher in place (device, FSDP sharding) once train.py has

@@ -48,6 +48,11 @@ class PrepareConfig:
     tokenizer: str = setting("", "use this tiktoken file instead of training one")
     text_field: str = setting("text", "the text field of .jsonl/.parquet records")
     val_fraction: float = setting(0.1, "fraction of documents held out")
+    part: str = setting("all", "all documents, or one side of a split of the non-validation documents: "
+                               "finetune (the memorization set D) or pretrain (the rest, for the base models)")
+    finetune_fraction: float = setting(0.25, "with --part: the share of non-validation documents that goes to D")
+    repeats: str = setting("", "examples layout: plant copies of random training examples, 'copies:count,...' "
+                               "('8:50': 50 examples appear 8 times each)")
     dedup: bool = setting(False, "drop exact duplicate examples (documents if packed)")
     seed: int = setting(1337, "seeds the document split and the caps' sampling")
     max_examples: int | None = setting(None, "keep at most this many train examples")
@@ -180,6 +185,48 @@ def split_by_document(docs, val_fraction, rng):
     return {"train": [docs[i] for i in order[n_val:]], "val": [docs[i] for i in order[:n_val]]}
 
 
+def take_part(docs, part, finetune_fraction, rng):
+    """The training documents of one side of a seeded split: `finetune` (the memorization set D) or
+    `pretrain` (the rest). Both calls with the same seed draw the same split, so the two sides are
+    disjoint: the base models are pretrained on text that holds no example of D (nor of validation)."""
+    if part == "all":
+        return docs
+    n_finetune = round(len(docs) * finetune_fraction)
+    if not 0 < n_finetune < len(docs):
+        raise UserError(f"--finetune_fraction={finetune_fraction} of {len(docs)} training documents leaves one side "
+                        "empty; use more documents or another fraction")
+    order = rng.permutation(len(docs))
+    chosen = order[:n_finetune] if part == "finetune" else order[n_finetune:]
+    return [docs[i] for i in sorted(chosen)]
+
+
+def parse_repeats(spec):
+    """'2:100,8:50' -> {2: 100, 8: 50} (copies -> how many examples get that many)."""
+    out = {}
+    for item in [s for s in spec.replace(" ", "").split(",") if s]:
+        copies, _, count = item.partition(":")
+        if not (copies.isdigit() and count.isdigit() and int(copies) >= 2 and int(count) >= 1):
+            raise UserError(f"--repeats takes 'copies:count,...' with copies >= 2 and count >= 1, not {item!r}")
+        out[int(copies)] = out.get(int(copies), 0) + int(count)
+    return out
+
+
+def plant_repeats(train, repeats, rng):
+    """The training rows with copies of randomly chosen examples appended: `repeats` maps a number of
+    copies to how many examples appear that many times. Web text is full of duplicates, and
+    memorization grows with them (Carlini et al. 2022: extraction grows log-linearly with the number
+    of copies; Kandpal et al. 2022). The strata are disjoint random draws, so how often an example is
+    repeated says nothing about its content."""
+    need = sum(repeats.values())
+    if need > len(train):
+        raise UserError(f"--repeats asks for {need} distinct examples but there are {len(train)}; ask for fewer")
+    chosen, start, parts = rng.permutation(len(train)), 0, [train]
+    for copies, count in repeats.items():
+        parts.append(np.repeat(train[np.sort(chosen[start:start + count])], copies - 1, axis=0))
+        start += count
+    return np.concatenate(parts)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizing into the two layouts
 
@@ -276,6 +323,15 @@ def write_dataset(out_dir, tokenizer_path, splits, layout, meta_extra=None):
     return meta
 
 
+def distinct_examples(rows):
+    """(first, copies) for example rows [N, L]: the row index of each distinct example's first
+    occurrence, in row order, and how many rows hold it. The memorization study measures each
+    example once, however often it was planted (--repeats)."""
+    _, first, copies = np.unique(np.asarray(rows), axis=0, return_index=True, return_counts=True)
+    order = np.argsort(first)
+    return first[order], copies[order]
+
+
 def read_meta(data_dir):
     """The dataset's meta.json as a dict."""
     path = os.path.join(data_dir, "meta.json")
@@ -322,6 +378,8 @@ def build_splits(cfg, split_docs, tok, rng):
         val_limit = max(1, round(limit * cfg.val_fraction / (1 - cfg.val_fraction))) if split_docs["val"] else 0
         arrays["train"] = cap(arrays["train"], limit, cfg.layout, rng)
         arrays["val"] = cap(arrays["val"], val_limit, cfg.layout, rng)
+    if cfg.repeats:
+        arrays["train"] = plant_repeats(arrays["train"], parse_repeats(cfg.repeats), rng)
     if arrays["train"].size == 0:
         raise UserError(f"no training {'examples' if cfg.layout == 'examples' else 'tokens'} came out; "
                         "use more text or a smaller --example_len")
@@ -336,6 +394,11 @@ def main(argv):
         raise UserError("--example_len must be at least 2 (BOS and one token)")
     if not 0 <= cfg.val_fraction < 1:
         raise UserError("--val_fraction must be in [0, 1)")
+    if cfg.part not in ("all", "finetune", "pretrain"):
+        raise UserError(f"--part is all, finetune or pretrain, not {cfg.part!r}")
+    if cfg.repeats and cfg.layout != "examples":
+        raise UserError("--repeats plants repeated examples, so it needs --layout=examples")
+    parse_repeats(cfg.repeats)  # fail early on a bad spec
     if cfg.tokenizer:
         Tokenizer(cfg.tokenizer)  # fail early on a bad file
     out = os.path.join(cfg.out_dir, cfg.name or dataset_name(cfg.input))
@@ -360,11 +423,13 @@ def main(argv):
 
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_path = cfg.tokenizer
-        if not tokenizer_path:  # trained on the training documents only, so validation stays unseen
+        if not tokenizer_path:  # trained on all training documents (both parts), never on validation
             tokenizer_path = os.path.join(scratch, "tokenizer.model")
             train_bpe(split_docs["train"], cfg.vocab_size, tokenizer_path)
+        split_docs["train"] = take_part(split_docs["train"], cfg.part, cfg.finetune_fraction, rng)
         arrays, removed_rows = build_splits(cfg, split_docs, Tokenizer(tokenizer_path), rng)
-        extra = {"source": cfg.input, "dedup_removed": dedup_removed + removed_rows, "fingerprint": fingerprint}
+        extra = {"source": cfg.input, "dedup_removed": dedup_removed + removed_rows, "fingerprint": fingerprint,
+                 "part": cfg.part, "repeats": {str(c): n for c, n in parse_repeats(cfg.repeats).items()}}
         if cfg.layout == "examples":  # rows do not show where documents start, so record the counts
             extra["splits"] = {s: {"documents": len(texts)} for s, texts in split_docs.items()}
         meta = write_dataset(out, tokenizer_path, arrays, cfg.layout, extra)

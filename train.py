@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from config import UserError, config_dict, parse_config, run_main, setting
 from model import CONFIGS, ModelArgs, Transformer, doc_ids_from_bos, read_checkpoint_meta
-from prepare import file_sha256, open_split, read_meta
+from prepare import distinct_examples, file_sha256, open_split, read_meta
 
 
 @dataclass
@@ -86,6 +86,12 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile each block")
     activation_checkpointing: bool = setting(False, "recompute block activations in the backward pass")
     seed: int = setting(1337, "drives initialization and data order")
+    # memorization dynamics (memorize.py's exact-match flag, one teacher-forced pass)
+    mem_every: float = setting(0.0, "every this many epochs, and at the start, log which examples of --mem_data "
+                                    "the model reproduces exactly from their prefix (0: off)")
+    mem_data: str = setting("", "the examples whose memorization is tracked (default: --data)")
+    mem_prefix_len: int = setting(33, "tracked memorization: prompt tokens, BOS included")
+    mem_suffix_len: int = setting(32, "tracked memorization: tokens to reproduce")
 
 
 # Settings that fix the data order and the learning-rate schedule: a resumed run must keep them.
@@ -188,28 +194,49 @@ def processes(cfg):
 
 
 class TrainData:
+    """The training rows of every step. Examples are visited as one stream of epochs, each a fresh
+    seeded permutation, and step k takes the next batch_size rows of it: every example is seen
+    exactly once per epoch (a batch may span two epochs), and a run of E epochs ends with a partial
+    batch when E * N is not a multiple of the batch. Packed data is sampled in random windows."""
+
     def __init__(self, cfg, meta):
         self.split = open_split(cfg.data, "train")
         self.packed = meta["layout"] == "packed"
         self.seq_len = cfg.seq_len if self.packed else meta["example_len"] - 1
         self.batch_size, self.seed = cfg.batch_size, cfg.seed
-        rows = (len(self.split) - 1) // self.seq_len if self.packed else len(self.split)
-        if rows < cfg.batch_size:
-            what = f"{rows} windows of {self.seq_len} tokens" if self.packed else f"{rows} examples"
+        self.rows = (len(self.split) - 1) // self.seq_len if self.packed else len(self.split)
+        if self.rows < cfg.batch_size:
+            what = f"{self.rows} windows of {self.seq_len} tokens" if self.packed else f"{self.rows} examples"
             raise UserError(f"--batch_size={cfg.batch_size} is larger than the training split ({what}); lower it")
-        self.steps_per_epoch = rows // cfg.batch_size  # a partial last batch is dropped
-        self._order = (None, None)  # (epoch, its shuffled order of examples)
+        # A run measured in epochs ends where the stream does; one of max_steps or tokens runs on.
+        by_epochs = not (cfg.max_steps or cfg.tokens) and not self.packed
+        self.end = cfg.epochs * self.rows if by_epochs else math.inf
+        self._order = (None, None)  # (epoch, its permutation of the examples)
+
+    def steps_for_epochs(self, epochs):
+        return math.ceil(epochs * self.rows / self.batch_size)
+
+    def epoch_at(self, step):
+        """Epochs done after `step` steps: a float."""
+        return min(step * self.batch_size, self.end) / self.rows
+
+    def order(self, epoch):
+        if self._order[0] != epoch:  # drawn from (seed, epoch): resuming needs nothing but the step
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.rows))
+        return self._order[1]
 
     def global_batch(self, step):
-        """(batch_size, seq_len + 1) int64 token rows of optimizer step `step` (0-based)."""
+        """(rows, seq_len + 1) int64 token rows of optimizer step `step` (0-based); rows is
+        batch_size except for the partial last batch of a run measured in epochs."""
         if self.packed:  # windows at random offsets, drawn from (seed, step)
             starts = np.random.default_rng([self.seed, step]).integers(0, len(self.split) - self.seq_len, self.batch_size)
             return np.stack([self.split[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if self._order[0] != epoch:  # a fresh shuffle each epoch, drawn from (seed, epoch)
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.split)))
-        rows = self._order[1][position * self.batch_size:(position + 1) * self.batch_size]
-        return self.split[rows].astype(np.int64)
+        lo, hi = step * self.batch_size, min((step + 1) * self.batch_size, self.end)
+        picked = []
+        for epoch in range(lo // self.rows, (hi - 1) // self.rows + 1):
+            start = epoch * self.rows
+            picked.append(self.order(epoch)[max(lo, start) - start:min(hi, start + self.rows) - start])
+        return self.split[np.concatenate(picked)].astype(np.int64)
 
 
 def validation_rows(cfg, meta, seq_len, world_size):
@@ -226,16 +253,21 @@ def validation_rows(cfg, meta, seq_len, world_size):
 
 
 def micro_batches(rows, ctx, micro_batch_size):
-    """This process's share of the rows (B, T+1), cut into micro-batches on the device: dicts of
-    inputs and targets (b, T), and doc_ids (b, T) for packed data (document masking)."""
-    share = len(rows) // ctx.world_size
+    """This process's share of the rows (B, T+1), cut into micro-batches on the device: pairs of a
+    dict (inputs and targets (b, T), doc_ids (b, T) for packed data: document masking) and its
+    weight, the micro-batch's share of the B rows times the number of processes (gradients are
+    averaged over processes), so that weighted mean losses add up to the batch's mean. A process left
+    without rows (a partial last batch smaller than the process count) runs one row at weight 0, so
+    that it still joins the gradient reduction."""
+    lo, hi = len(rows) * ctx.rank // ctx.world_size, len(rows) * (ctx.rank + 1) // ctx.world_size
+    mine, weight = (rows[lo:hi], 1.0) if hi > lo else (rows[:1], 0.0)
     batches = []
-    for chunk in torch.from_numpy(rows[ctx.rank * share:(ctx.rank + 1) * share]).split(micro_batch_size):
+    for chunk in torch.from_numpy(mine).split(micro_batch_size):
         chunk = chunk.to(ctx.device)
         batch = {"inputs": chunk[:, :-1], "targets": chunk[:, 1:]}
         if ctx.meta["layout"] == "packed":
             batch["doc_ids"] = doc_ids_from_bos(batch["inputs"], ctx.meta["bos_id"])
-        batches.append(batch)
+        batches.append((batch, weight * len(chunk) * ctx.world_size / len(rows)))
     return batches
 
 
@@ -334,6 +366,52 @@ def unwrap(model):
     return model.module if isinstance(model, DDP) else model
 
 
+class MemorizationTracker:
+    """Which examples of cfg.mem_data the model reproduces exactly (greedy decoding from the first
+    mem_prefix_len tokens gives the next mem_suffix_len), measured in fp32 at the start and every
+    cfg.mem_every epochs: when each example is learned by heart. Each distinct example is tested
+    once (planted repeats are one example). The examples are split over ranks in equal shares, so
+    that every rank runs as many forwards (FSDP's forward is collective)."""
+
+    def __init__(self, cfg, ctx, data):
+        path = cfg.mem_data or cfg.data
+        meta = read_meta(path)
+        if meta["layout"] != "examples" or meta["tokenizer_sha256"] != ctx.meta["tokenizer_sha256"]:
+            raise UserError(f"--mem_data={path} must hold examples (layout examples) made with the training "
+                            "data's tokenizer; prepare it so or drop --mem_every")
+        if min(cfg.mem_prefix_len, cfg.mem_suffix_len) < 1 or cfg.mem_prefix_len + cfg.mem_suffix_len > meta["example_len"]:
+            raise UserError(f"--mem_prefix_len + --mem_suffix_len must fit the {meta['example_len']}-token examples "
+                            f"of {path}; lower them")
+        self.cfg, self.ctx, self.data = cfg, ctx, data
+        self.rows = open_split(path, "train")
+        self.index = distinct_examples(self.rows)[0]
+        self.every = max(1, round(cfg.mem_every * data.rows))  # in training rows
+
+    def due(self, step, last_step):
+        """At the start, after every mem_every epochs, and at the end."""
+        seen = lambda s: min(s * self.data.batch_size, self.data.end)  # noqa: E731
+        return step == 0 or step == last_step or seen(step) // self.every > seen(step - 1) // self.every
+
+    @torch.no_grad()
+    def measure(self, model):
+        """The row indices (into mem_data's train split) of the examples memorized now."""
+        from memorize import memorized_flags  # memorize.py imports this file: import at use
+
+        ctx, n = self.ctx, len(self.index)
+        share = math.ceil(n / ctx.world_size)
+        mine = self.index[np.minimum(np.arange(ctx.rank * share, (ctx.rank + 1) * share), n - 1)]
+        model.eval()
+        with torch.autocast(ctx.device.type, enabled=False):  # the flag is exact only in fp32
+            flags = memorized_flags(model, self.rows[mine], self.cfg.mem_prefix_len, self.cfg.mem_suffix_len)
+        model.train()
+        flags = torch.from_numpy(flags.astype(np.uint8))
+        if ctx.world_size > 1:
+            parts = [torch.empty_like(flags) for _ in range(ctx.world_size)]
+            dist.all_gather(parts, flags)
+            flags = torch.cat(parts)
+        return self.index[flags[:n].numpy().astype(bool)]
+
+
 def cross_entropy_loss(model, batch):
     """The default loss_fn(model, batch) -> (loss, metrics): next-token cross-entropy, mean over tokens."""
     logits = model(batch["inputs"], doc_ids=batch.get("doc_ids"))  # (B, T, V)
@@ -376,7 +454,7 @@ def accumulate_gradients(train_model, batches, loss_fn, ctx):
     """Forward and backward over this process's micro-batches of one step. Returns the loss and
     loss_fn's metrics averaged over the global batch, as if it were one big batch."""
     sums = {}
-    for i, batch in enumerate(batches):
+    for i, (batch, weight) in enumerate(batches):
         sync = i == len(batches) - 1  # reduce gradients across processes once per step
         if ctx.parallel == "ddp":
             train_model.require_backward_grad_sync = sync
@@ -384,9 +462,9 @@ def accumulate_gradients(train_model, batches, loss_fn, ctx):
             train_model.set_requires_gradient_sync(sync)
         with ctx.autocast():
             loss, metrics = loss_fn(train_model, batch)
-        (loss / len(batches)).backward()
+        (loss * weight).backward()
         for k, v in {"loss": loss, **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float() / len(batches)
+            sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float() * weight
     return mean_over_ranks(sums, ctx)
 
 
@@ -403,8 +481,7 @@ def evaluate(model, rows, ctx, micro_batch_size, loss_fn=None):
     model.eval()
     batches = micro_batches(rows, ctx, micro_batch_size)
     sums = {"val_loss": 0.0}
-    for batch in batches:
-        weight = len(batch["inputs"]) * ctx.world_size / len(rows)  # the last micro-batch may be smaller
+    for batch, weight in batches:
         sums["val_loss"] += cross_entropy_loss(model, batch)[0] * weight
         for k, v in (loss_fn(model, batch)[1] if loss_fn else {}).items():
             sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + torch.as_tensor(v).float() * weight
@@ -433,7 +510,7 @@ def finish_interrupted_save(out_dir):
         shutil.rmtree(ready)
 
 
-def save_checkpoint(model, optimizer, ctx, step, steps_per_epoch, extra):
+def save_checkpoint(model, optimizer, ctx, step, epoch, extra):
     """Gather the full model and optimizer state (a collective under FSDP); rank 0 writes it."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
@@ -444,14 +521,13 @@ def save_checkpoint(model, optimizer, ctx, step, steps_per_epoch, extra):
         with torch.device("meta"):  # an unsharded model around the gathered tensors, to save them
             full = Transformer(model.args)
         full.load_state_dict(weights, assign=True)
-        epoch, position = divmod(step, steps_per_epoch)
         full.save_pretrained(tmp, extra={"tokenizer_sha256": ctx.meta["tokenizer_sha256"], "step": step,
                                          "epoch": epoch, **extra, "train_config": config_dict(cfg)})
         shutil.copyfile(os.path.join(cfg.data, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
         rng = {"torch": torch.get_rng_state()}
         if ctx.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
-        torch.save({"optimizer": optim_state, "step": step, "epoch": epoch, "position": position, "rng": rng},
+        torch.save({"optimizer": optim_state, "step": step, "epoch": epoch, "rng": rng},
                    os.path.join(tmp, "train_state.pt"))
         os.replace(tmp, os.path.join(cfg.out_dir, READY_DIR))
         finish_interrupted_save(cfg.out_dir)
@@ -549,7 +625,7 @@ def train(cfg, loss_fn=None, setup_hook=None):
         data = TrainData(cfg, meta)
         val_rows = validation_rows(cfg, meta, data.seq_len, ctx.world_size)
         total_steps = cfg.max_steps or (math.ceil(cfg.tokens / (cfg.batch_size * data.seq_len)) if cfg.tokens
-                                        else cfg.epochs * data.steps_per_epoch)
+                                        else data.steps_for_epochs(cfg.epochs))
         stop_step = min(total_steps, cfg.stop_after or total_steps)
         per_rank = cfg.batch_size // ctx.world_size
         micro_batch_size = cfg.micro_batch_size or per_rank
@@ -577,7 +653,18 @@ def train(cfg, loss_fn=None, setup_hook=None):
                   f"({ctx.parallel}, {str(ctx.compute_dtype)[6:]}); batch {cfg.batch_size} x {data.seq_len} "
                   f"tokens in micro-batches of {micro_batch_size}; steps {step} -> {stop_step} of {total_steps}")
 
+        tracker = MemorizationTracker(cfg, ctx, data) if cfg.mem_every else None
+
+        def track_memorization(step):
+            if tracker is not None and tracker.due(step, total_steps):
+                memorized = tracker.measure(model)
+                write_row(log, {"kind": "memorization", "step": step, "epoch": round(data.epoch_at(step), 4),
+                                "examples": len(tracker.index), "memorized": len(memorized),
+                                "indices": memorized.tolist()})
+
         # ---- the loop ------------------------------------------------------------------------
+        if step == 0:
+            track_memorization(0)
         bar = tqdm(total=total_steps, initial=step, disable=not ctx.is_main, desc="train", dynamic_ncols=True)
         start_step, stats, val, train_time = step, {}, None, 0.0
         window_steps, window_time = 0, 0.0  # since the last training row of the log
@@ -600,8 +687,9 @@ def train(cfg, loss_fn=None, setup_hook=None):
             train_time, window_steps, window_time = train_time + dt, window_steps + 1, window_time + dt
             bar.update()
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
+            track_memorization(step)
 
-            epoch = round(step / data.steps_per_epoch, 4)
+            epoch = round(data.epoch_at(step), 4)
             if step % cfg.log_interval == 0 or step == stop_step:
                 write_row(log, {"kind": "train", "step": step, "epoch": epoch, **stats, "lr": lr,
                                 "tokens_per_s": window_steps * cfg.batch_size * data.seq_len / window_time,
@@ -613,7 +701,7 @@ def train(cfg, loss_fn=None, setup_hook=None):
                 if ctx.is_main:
                     bar.write(f"step {step}: val loss {val['val_loss']:.4f}, perplexity {val['val_ppl']:.2f}")
             if (cfg.save_interval and step % cfg.save_interval == 0) or step == stop_step:
-                save_checkpoint(model, optimizer, ctx, step, data.steps_per_epoch, val or {})
+                save_checkpoint(model, optimizer, ctx, step, epoch, val or {})
                 saved_step = step
         bar.close()
 

@@ -150,6 +150,49 @@ def test_caps_make_small_datasets(tmp_path):
     assert meta["splits"]["train"]["tokens"] == 300 == os.path.getsize(tmp_path / "data" / "ds" / "train.bin") // 2
 
 
+def test_finetune_and_pretrain_parts_split_the_training_documents_and_share_a_tokenizer(tmp_path):
+    # Each document carries its own planted word, so a word in a dataset tells which document it came from.
+    docs = make_docs(n_docs=20)
+    folder = write_txt(tmp_path / "in", docs)
+    parts = {part: prepare_run(tmp_path, folder, f"--name={part}", f"--part={part}", "--finetune_fraction=0.25",
+                               *(["--layout=examples", "--example_len=16"] if part == "finetune" else []))
+             for part in ("finetune", "pretrain", "all")}
+    data = tmp_path / "data"
+    assert len({file_sha(data / p / "tokenizer.model") for p in parts}) == 1
+    tok = Tokenizer(str(data / "all" / "tokenizer.model"))
+
+    def words(part, split):  # the planted words (zq + two letters) in a split, row by row
+        ids = np.asarray(open_split(data / part, split))
+        text = " ".join(tok.decode(row[row != tok.bos_id].tolist()) for row in ids.reshape(-1, ids.shape[-1]))
+        return {w.strip(".") for w in text.split() if w.startswith("zq") and len(w.strip(".")) == 4}
+
+    finetune, pretrain, val = words("finetune", "train"), words("pretrain", "train"), words("all", "val")
+    assert finetune and pretrain and not finetune & pretrain and not (finetune | pretrain) & val
+    assert words("finetune", "val") <= val and words("pretrain", "val") == val
+    # 20 documents: 2 held out for validation, then a quarter of the other 18 (rounded) for fine-tuning.
+    assert parts["finetune"]["splits"]["train"]["documents"] == 4
+    assert parts["pretrain"]["splits"]["train"]["documents"] == 14
+
+
+def test_repeats_plant_copies_of_distinct_examples(tmp_path):
+    folder = write_txt(tmp_path / "in", make_docs())
+    plain = prepare_run(tmp_path, folder, "--layout=examples", "--example_len=16", "--dedup", "--name=plain")
+    meta = prepare_run(tmp_path, folder, "--layout=examples", "--example_len=16", "--dedup", "--repeats=3:4,8:2")
+    rows = open_split(tmp_path / "data" / "ds", "train")
+    original = open_split(tmp_path / "data" / "plain", "train")
+    assert len(rows) == plain["splits"]["train"]["examples"] + 4 * 2 + 2 * 7 and meta["repeats"] == {"3": 4, "8": 2}
+    assert np.array_equal(rows[:len(original)], original)  # the natural rows first, unchanged
+    first, copies = prepare.distinct_examples(rows)
+    assert len(first) == len(original) and np.array_equal(rows[first], original)
+    assert sorted(copies[copies > 1].tolist()) == [3, 3, 3, 3, 8, 8]
+    with pytest.raises(UserError, match="--repeats"):
+        prepare_run(tmp_path, folder, "--layout=examples", "--example_len=16", "--repeats=1:5")
+
+
+def file_sha(path):
+    return prepare.file_sha256(path)
+
+
 # --- the vocabulary decides the dtype ---
 
 

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from config import UserError, parse_config
 from model import Transformer
-from prepare import write_dataset
+from memorize import memorized_flags
+from prepare import open_split, write_dataset
 from train import TrainConfig, cross_entropy_loss, lr_at, main, prepare_frozen_model, train
 
 BOS = 256  # the byte-level tokenizer below has 256 ranks, so its first special token is 256
@@ -130,6 +131,41 @@ def test_packed_windows_carry_document_ids_for_masking(data, tmp_path):
     assert any(int(b["doc_ids"][:, -1].max()) >= 2 for b in batches)  # some window spans documents
 
 
+def test_every_example_is_seen_exactly_once_per_epoch_when_the_batch_does_not_divide_the_data(tmp_path):
+    data = examples_dataset(tmp_path / "ten", n_train=10)
+    seen = []
+
+    def loss_fn(model, batch):
+        if model.training:  # not the validation rows
+            seen.extend(map(tuple, batch["inputs"].tolist()))
+        return cross_entropy_loss(model, batch)
+
+    summary = run(data, tmp_path / "run", "--batch_size=4", "--epochs=3", loss_fn=loss_fn)
+    assert summary["step"] == 8  # 30 rows: seven batches of 4, then one of 2
+    rows = [tuple(r[:-1]) for r in np.asarray(open_split(data, "train")).tolist()]
+    for epoch in range(3):  # the stream is three permutations of the ten examples, back to back
+        assert sorted(seen[10 * epoch:10 * (epoch + 1)]) == sorted(rows)
+    assert len(seen) == 30
+    assert log_rows(tmp_path / "run", "train")[-1]["epoch"] == 3
+
+
+def test_memorization_is_tracked_during_training_once_per_distinct_example(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 256, (9, 17))
+    rows[:, 0] = BOS
+    rows[1] = rows[0]  # one example planted twice: 8 distinct examples
+    write_dataset(str(tmp_path / "d"), write_tokenizer(tmp_path / "d.tok"), {"train": rows, "val": rows[:2]}, "examples")
+    run(tmp_path / "d", tmp_path / "run", "--batch_size=3", "--epochs=60", "--mem_every=20",
+        "--mem_prefix_len=5", "--mem_suffix_len=8", "--lr=3e-2")
+    tracked = log_rows(tmp_path / "run", "memorization")
+    assert [r["step"] for r in tracked] == [0, 60, 120, 180] and [r["epoch"] for r in tracked] == [0, 20, 40, 60]
+    assert all(r["examples"] == 8 and r["memorized"] == len(r["indices"]) for r in tracked)
+    assert tracked[0]["memorized"] == 0 and 1 not in tracked[-1]["indices"]  # row 1 is row 0 again
+    model = Transformer.from_pretrained(str(tmp_path / "run"))
+    flags = memorized_flags(model, np.delete(rows, 1, axis=0), 5, 8)
+    assert tracked[-1]["indices"] == [i + (i > 0) for i in np.flatnonzero(flags).tolist()] and flags.sum() > 0
+
+
 # --- checkpoints and resume ---
 
 
@@ -140,7 +176,7 @@ def test_resume_continues_bitwise_exactly(data, tmp_path, layout):
     run(data[layout], tmp_path / "whole", *args)
     run(data[layout], tmp_path / "parts", *args, "--stop_after=3")
     state = torch.load(tmp_path / "parts" / "train_state.pt", weights_only=True)
-    assert (state["step"], state["epoch"], state["position"]) == ((3, 1, 1) if layout == "examples" else (3, 0, 3))
+    assert state["step"] == 3 and (layout == "packed" or state["epoch"] == 1.5)  # 12 of 8 examples
     run(data[layout], tmp_path / "parts", *args, "--resume")
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")  # exact float equality
     whole = load_file(tmp_path / "whole" / "model.safetensors")

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from classifier import at_risk_probability, classifier_trials
 from config import UserError, config_dict, parse_config, run_main, setting
 from model import Transformer, checkpoint_format, read_checkpoint_meta
-from prepare import open_split, read_meta, write_dataset
+from prepare import distinct_examples, open_split, read_meta, write_dataset
 from tokenizer import Tokenizer
 from train import pick_device
 
@@ -219,21 +219,23 @@ def shard_range(n, rank, world):
 @torch.no_grad()
 def measure_examples(models, rows, prefix_len, suffix_len, batch_size=32, generate=False, sample_tries=0,
                      sample_top_k=40, min_k_percent=20.0, tokenizer=None, seed=0, rank=0, world=1,
-                     progress=True):
-    """All per-example columns for rows [N, L] (a memmap is fine: read one batch at a time).
+                     progress=True, index=None):
+    """All per-example columns for rows [N, L] (a memmap is fine: read one batch at a time), or for
+    the rows `index` lists (in that order).
 
     models: {name: Transformer} on one device; roles come from the names (family_roles). Returns
     {column: numpy array} for this rank's shard, with "index" (the row number) first."""
     teacher, baselines, _ = family_roles(list(models))
     device = next(iter(models.values())).tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(seed + rank)
-    lo, hi = shard_range(len(rows), rank, world)
+    index = np.arange(len(rows)) if index is None else np.asarray(index)
+    lo, hi = shard_range(len(index), rank, world)
     out = {}
     for i in tqdm(range(lo, hi, batch_size), desc="memorization", unit="batch", disable=not progress or rank != 0):
         j = min(i + batch_size, hi)
-        rows_np = np.asarray(rows[i:j], dtype=np.int64)
+        rows_np = np.asarray(rows[index[i:j]], dtype=np.int64)
         batch = torch.from_numpy(rows_np).to(device)
-        cols = {"index": np.arange(i, j)}
+        cols = {"index": index[i:j]}
         if tokenizer is not None:
             cols["zlib_entropy"] = zlib_entropy(tokenizer, rows_np)
         cols.update(example_features(models, batch, prefix_len, suffix_len, min_k_percent, teacher, baselines))
@@ -685,9 +687,12 @@ def run(cfg, models=None):
 
 def _run(cfg, models, paths, meta, rows, tokenizer, device, rank, world, extract_len):
     names = list(models)
+    first, copies, group = distinct_examples(rows)  # each example once, however often it was planted
     cols = measure_examples(models, rows, cfg.prefix_len, cfg.suffix_len, cfg.batch_size, cfg.generate,
-                            cfg.sample_tries, cfg.sample_top_k, cfg.min_k_percent, tokenizer, cfg.seed, rank, world)
+                            cfg.sample_tries, cfg.sample_top_k, cfg.min_k_percent, tokenizer, cfg.seed, rank, world,
+                            index=first)
     cols = gather_columns(cols, world)
+    cols = {"index": cols.pop("index"), "copies": copies, **cols}
     val_ppl = {n: validation_perplexity(cfg, meta, m, rank, world) for n, m in models.items()}
     extraction = run_extraction(cfg, models, meta, tokenizer, device, rank, world, extract_len)
     if rank != 0:
@@ -695,13 +700,19 @@ def _run(cfg, models, paths, meta, rows, tokenizer, device, rank, world, extract
 
     os.makedirs(cfg.out, exist_ok=True)
     family = compare_family({n: cols[f"{n}.memorized"] for n in names})
-    summary = {"data": cfg.data, "split": cfg.split, "n_examples": len(cols["index"]), "prefix_len": cfg.prefix_len,
-               "suffix_len": cfg.suffix_len, "example_len": meta["example_len"],
+    summary = {"data": cfg.data, "split": cfg.split, "n_examples": len(cols["index"]), "n_rows": len(rows),
+               "copies": {str(c): int((copies == c).sum()) for c in np.unique(copies)},
+               "prefix_len": cfg.prefix_len, "suffix_len": cfg.suffix_len, "example_len": meta["example_len"],
                "models": {n: {"role": role_of(n), "path": paths[n], "params": m.num_params(), "val_ppl": val_ppl[n],
                               **family["models"][n], **model_means(n, cols, cfg.suffix_len)}
                           for n, m in models.items()}}
     summary.update({k: v for k, v in family.items() if k != "models"})
-    summary.update(classify_and_filter(cfg, meta, cols, names))
+    summary.update(classify_and_filter(cfg, meta, cols, names, group))
+    if (copies > 1).any():  # planted repeats: the family again on the natural (unrepeated) examples alone
+        summary["natural"] = natural_family(cfg, cols, names)
+        summary["by_copies"] = {str(c): {"examples": int((copies == c).sum()),
+                                         **{n: int(cols[f"{n}.memorized"][copies == c].sum()) for n in names}}
+                                for c in np.unique(copies)}
     if extraction:
         summary["extraction"], lines = extraction
         write_atomic(os.path.join(cfg.out, "extraction.jsonl"), lines)
@@ -737,37 +748,57 @@ def validation_perplexity(cfg, meta, model, rank, world):
     return math.exp(total / count) if count else None
 
 
-def classify_and_filter(cfg, meta, cols, names):
-    """The classifier for each student, and the filtered dataset for the chosen one."""
+def classifiers(cfg, cols, names):
+    """The logistic regression predicting each student's memorization from pre-distillation
+    features (the paper's protocol); "classifier" is the chosen student's."""
     teacher, baselines, students = family_roles(names)
     if not (teacher and baselines and students):
         return {"classifier": {"status": "skipped: needs a teacher, a baseline and a student", "student": None,
                                **dict.fromkeys(["auc_mean", "auc_std", "recall_mean", "recall_std", "precision_mean",
                                                 "precision_std", "coefficients"])}}
-    chosen = cfg.classifier_student or students[0]
     X = classifier_features(cols, baselines[0])
     out = {"classifiers": {s: {"student": s, "baseline": baselines[0], **classifier_trials(
         X, cols[f"{s}.memorized"], FEATURES, cfg.classifier_trials, cfg.classifier_neg_ratio,
         cfg.classifier_test_fraction, cfg.classifier_min_positives, cfg.seed)} for s in students}}
-    out["classifier"] = out["classifiers"][chosen]
+    out["classifier"] = out["classifiers"][cfg.classifier_student or students[0]]
+    return out
+
+
+def natural_family(cfg, cols, names):
+    """The family's comparisons and classifiers on the examples that appear once in the data."""
+    natural = cols["copies"] == 1
+    sub = {c: v[natural] for c, v in cols.items()}
+    family = compare_family({n: sub[f"{n}.memorized"] for n in names})
+    return {"n_examples": int(natural.sum()), **family, **classifiers(cfg, sub, names)}
+
+
+def classify_and_filter(cfg, meta, cols, names, group):
+    """The classifier for each student, and the filtered dataset for the chosen one (group: each
+    training row's position in cols, so that every copy of an example at risk goes)."""
+    out = classifiers(cfg, cols, names)
+    chosen = out["classifier"]["student"]
+    if chosen is None:
+        return out
     if not cfg.filter or cfg.split != "train":
         out["filter"] = {"status": "off: --filter=false or a split other than train"}
     elif out["classifier"]["status"] != "ok":
         out["filter"] = {"status": f"skipped: the classifier did not run ({out['classifier']['status']})"}
     else:
+        X = classifier_features(cols, out["classifier"]["baseline"])
         cols["at_risk_probability"] = at_risk_probability(X, cols[f"{chosen}.memorized"], cfg.classifier_neg_ratio, cfg.seed)
-        out["filter"] = write_filtered(cfg, meta, cols["index"], cols["at_risk_probability"], chosen)
+        out["filter"] = write_filtered(cfg, meta, cols["at_risk_probability"][group], chosen)
     return out
 
 
-def write_filtered(cfg, meta, index, risk, student):
-    """A dataset folder like cfg.data without the training examples predicted at risk, and
-    at_risk.json listing them, so distillation can be re-run on it and the drop measured."""
+def write_filtered(cfg, meta, risk, student):
+    """A dataset folder like cfg.data without the training rows predicted at risk (risk: per row,
+    every copy of an example alike), and at_risk.json listing them, so that distillation can be
+    re-run on it and the drop measured."""
     at_risk = risk >= cfg.filter_threshold
     path = cfg.filter_out or os.path.join(cfg.out, "filtered_data")
     train = open_split(cfg.data, "train")
     drop = np.zeros(len(train), dtype=bool)
-    drop[index[at_risk]] = True  # examples beyond --max_examples were not scored: they stay
+    drop[:len(at_risk)] = at_risk  # rows beyond --max_examples were not scored: they stay
     splits = {"train": train[~drop]}
     if meta["splits"].get("val", {}).get("tokens"):
         splits["val"] = open_split(cfg.data, "val")
@@ -775,7 +806,7 @@ def write_filtered(cfg, meta, index, risk, student):
     extra["filtered"] = {"from": cfg.data, "student": student, "threshold": cfg.filter_threshold, "removed": int(drop.sum())}
     write_dataset(path, os.path.join(cfg.data, "tokenizer.model"), splits, "examples", extra)
     write_atomic(os.path.join(cfg.out, "at_risk.json"), json.dumps(
-        {"student": student, "threshold": cfg.filter_threshold, "indices": index[at_risk].tolist(),
+        {"student": student, "threshold": cfg.filter_threshold, "rows": np.flatnonzero(at_risk).tolist(),
          "probabilities": risk[at_risk].tolist()}) + "\n")
     return {"status": "ok", "at_risk": int(drop.sum()), "kept": int((~drop).sum()), "threshold": cfg.filter_threshold,
             "path": path}

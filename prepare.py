@@ -324,12 +324,16 @@ def write_dataset(out_dir, tokenizer_path, splits, layout, meta_extra=None):
 
 
 def distinct_examples(rows):
-    """(first, copies) for example rows [N, L]: the row index of each distinct example's first
-    occurrence, in row order, and how many rows hold it. The memorization study measures each
-    example once, however often it was planted (--repeats)."""
-    _, first, copies = np.unique(np.asarray(rows), axis=0, return_index=True, return_counts=True)
+    """(first, copies, group) for example rows [N, L]: the row index of each distinct example's first
+    occurrence, in row order; how many rows hold it; and for each row, the position in `first` of
+    its example. The memorization study measures each example once, however often it was planted
+    (--repeats)."""
+    _, first, inverse, copies = np.unique(np.asarray(rows), axis=0, return_index=True, return_inverse=True,
+                                          return_counts=True)
     order = np.argsort(first)
-    return first[order], copies[order]
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    return first[order], copies[order], position[inverse.ravel()]
 
 
 def read_meta(data_dir):

@@ -309,12 +309,32 @@ def test_command_line_writes_the_report(world, tmp_path):
         assert all(os.path.getsize(os.path.join(out, f)) > 0 for f in summary["figures"])
 
     # The filtered dataset: the training rows without those flagged, the val split as it was.
-    at_risk = json.load(open(os.path.join(out, "at_risk.json")))["indices"]
+    at_risk = json.load(open(os.path.join(out, "at_risk.json")))["rows"]
     filtered = summary["filter"]["path"]
     kept = [i for i in range(N_TRAIN) if i not in at_risk]
     np.testing.assert_array_equal(open_split(filtered, "train"), world["rows"][kept])
     np.testing.assert_array_equal(open_split(filtered, "val"), world["val"])
     assert read_meta(filtered)["tokenizer_sha256"] == world["tok"].sha256
+
+
+def test_repeated_examples_are_measured_once_and_the_natural_ones_also_alone(world, tmp_path):
+    # Row 1 (memorized by teacher, baseline and soft student) appears 3 times, row 7 (by none) twice.
+    rows = np.concatenate([world["rows"], world["rows"][[1, 7, 1]]])
+    data = str(tmp_path / "data")
+    write_dataset(data, str(world["root"] / "tok.model"), {"train": rows, "val": world["val"]}, "examples")
+    out = str(tmp_path / "report")
+    s = mem.main([f"--data={data}", models_arg(world), f"--out={out}", f"--prefix_len={P}", f"--suffix_len={S}",
+                  "--classifier_min_positives=1", "--classifier_trials=3", "--filter_threshold=0.0"])
+    assert s["n_examples"] == N_TRAIN and s["n_rows"] == N_TRAIN + 3 and s["copies"] == {"1": 14, "2": 1, "3": 1}
+    assert [s["models"][n]["memorized"] for n in s["models"]] == [6, 3, 2, 2]  # as without the copies
+    lines = [json.loads(line) for line in open(os.path.join(out, "per_example.jsonl"))]
+    assert [r["copies"] for r in lines] == [1, 3] + [1] * 5 + [2] + [1] * 8
+    natural = s["natural"]
+    assert natural["n_examples"] == 14 and natural["models"]["teacher"]["memorized"] == 5
+    assert natural["models"]["baseline"]["memorized"] == 2 and natural["easy"]["count"] == 2
+    assert s["by_copies"]["3"] == {"examples": 1, "teacher": 1, "baseline": 1, "student_soft": 1, "student_hard": 0}
+    # A threshold of 0 flags every example: the filtered data keeps none of the rows, copies included.
+    assert s["filter"]["at_risk"] == N_TRAIN + 3 and s["filter"]["kept"] == 0
 
 
 def test_one_model_alone_is_measured(world, tmp_path):

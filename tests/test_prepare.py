@@ -182,8 +182,9 @@ def test_repeats_plant_copies_of_distinct_examples(tmp_path):
     original = open_split(tmp_path / "data" / "plain", "train")
     assert len(rows) == plain["splits"]["train"]["examples"] + 4 * 2 + 2 * 7 and meta["repeats"] == {"3": 4, "8": 2}
     assert np.array_equal(rows[:len(original)], original)  # the natural rows first, unchanged
-    first, copies = prepare.distinct_examples(rows)
+    first, copies, group = prepare.distinct_examples(rows)
     assert len(first) == len(original) and np.array_equal(rows[first], original)
+    assert np.array_equal(rows[first[group]], rows) and np.array_equal(np.bincount(group), copies)
     assert sorted(copies[copies > 1].tolist()) == [3, 3, 3, 3, 8, 8]
     with pytest.raises(UserError, match="--repeats"):
         prepare_run(tmp_path, folder, "--layout=examples", "--example_len=16", "--repeats=1:5")

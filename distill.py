@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from config import UserError, parse_config, run_main, setting
 from model import Transformer, read_checkpoint_meta
-from prepare import open_split, read_meta, write_dataset
+from prepare import distinct_examples, open_split, read_meta, write_dataset
 from train import TrainConfig, pick_device, prepare_frozen_model, train, unwrap
 
 
@@ -222,16 +222,17 @@ def generate_dataset(teacher, data_dir, out_dir, prefix_len, batch_size, device)
     if meta["layout"] != "examples":
         raise UserError("hard distillation needs fixed-length examples; prepare the data with --layout=examples")
     rows = open_split(data_dir, "train")
-    n, length = rows.shape
+    length = rows.shape[1]
     if not 0 < prefix_len < length:
         raise UserError(f"--prefix_len={prefix_len} must be between 1 and the example length {length - 1}")
     teacher = teacher.to(device).float().eval()
-    out = np.empty_like(rows)
-    for s in tqdm(range(0, n, batch_size), desc="teacher generations", unit="batch"):
-        prompt = torch.from_numpy(rows[s:s + batch_size, :prefix_len].astype(np.int64)).to(device)
+    first, _, group = distinct_examples(rows)  # a repeated example is continued once, then copied
+    out = np.empty((len(first), length), dtype=rows.dtype)
+    for s in tqdm(range(0, len(first), batch_size), desc="teacher generations", unit="batch"):
+        prompt = torch.from_numpy(rows[first[s:s + batch_size], :prefix_len].astype(np.int64)).to(device)
         new = teacher.generate(prompt, length - prefix_len)
         out[s:s + batch_size] = torch.cat([prompt, new], dim=1).cpu().numpy()
-    splits = {"train": out, "val": np.array(open_split(data_dir, "val"))}
+    splits = {"train": out[group], "val": np.array(open_split(data_dir, "val"))}
     write_dataset(out_dir, os.path.join(data_dir, "tokenizer.model"), splits, "examples",
                   {"source": f"the teacher's greedy continuations of {prefix_len}-token prefixes of "
                              f"{os.path.abspath(data_dir)}", "hard_distillation": {"prefix_len": prefix_len}})

@@ -14,10 +14,10 @@ The reproduction's report: this run's numbers next to the paper's, finding by fi
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-from config import UserError, parse_config, run_main
+from config import UserError, at_least, parse_config, run_main, setting
 
 # The paper's headline numbers (Borkar et al. 2026, arXiv 2601.15394), for comparison only.
 PAPER = {
@@ -32,14 +32,22 @@ PAPER = {
 
 @dataclass
 class ReportConfig:
-    out: str = field(default="out/reproduce", metadata={"help": "the reproduction's output folder"})
-    started_at: Optional[float] = field(default=None, metadata={
-        "help": "unix time the pipeline started (make reproduce passes it); sets wall_seconds"})
+    out: str = setting("out/reproduce", "the reproduction's output folder")
+    started_at: Optional[float] = setting(None, "unix time the pipeline started (make reproduce passes it); "
+                                                "sets wall_seconds", at_least(0))
 
 
 def load(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); delete it and run the step that writes it again") from None
+
+
+def num(x, spec=".1f"):
+    """A number for a table, or "-" where it could not be computed (a model without a val split)."""
+    return "-" if x is None else format(x, spec)
 
 
 def ratio(a, b):
@@ -102,7 +110,7 @@ def sweep_section(path):
              "This run: " + {True: "it does", False: "it does not fall monotonically",
                              None: "cannot tell, every student memorized as many"}[falls] + ".\n\n",
              "| temperature | memorized | rate | val ppl |\n|---|---|---|---|\n"]
-    lines += [f"| {t:g} | {mem} | {100 * rate:.1f}% | {ppl:.1f} |\n" for t, mem, rate, ppl in rows]
+    lines += [f"| {t:g} | {mem} | {100 * rate:.1f}% | {num(ppl)} |\n" for t, mem, rate, ppl in rows]
     if os.path.isfile(os.path.join(os.path.dirname(path), "memorization_rate.png")):
         lines.append("\n![memorization per temperature](sweep/memorization_rate.png)\n")
     return {"students": table, "falls_with_temperature": falls}, lines
@@ -118,7 +126,7 @@ def filter_section(path, before):
     lines = ["\n## Filtering before distillation (make filter)\n\n",
              f"The soft student memorized {before} examples of D; distilled again on D without the examples the "
              f"classifier flagged, it memorizes {after['memorized']} of the remaining ones "
-             f"(validation perplexity {after['val_ppl']:.1f}). The paper: far fewer memorized examples after filtering.\n"]
+             f"(validation perplexity {num(after['val_ppl'])}). The paper: far fewer memorized examples after filtering.\n"]
     return f, lines
 
 
@@ -171,15 +179,11 @@ def headline(s):
         inherited = ts.get(f"inherited_{key}") if key else None
         share = easy.get(f"share_{key}") if key else None
         rows.append(f"| {name} | {m['params'] / 1e6:.2f}M | {m['memorized']} | {100 * m['memorization_rate']:.1f}% | "
-                    f"{m['val_ppl']:.1f} | {'-' if inherited is None else inherited} | "
+                    f"{num(m['val_ppl'])} | {'-' if inherited is None else inherited} | "
                     f"{'-' if share is None else f'{100 * share:.1f}%'} |\n")
     rows.append(f"\nTeacher-specific examples: {ts.get('count', '-')}; easy examples: {easy.get('count', '-')}; "
-                f"classifier AUC: {fmt_auc(s.get('classifier', {}))}.\n")
+                f"classifier AUC: {num(s.get('classifier', {}).get('auc_mean'), '.4f')}.\n")
     return "".join(rows)
-
-
-def fmt_auc(c):
-    return "-" if c.get("auc_mean") is None else f"{c['auc_mean']:.4f}"
 
 
 def write_atomic(path, text):

@@ -68,7 +68,7 @@ def run_main(main, argv=None):
         main(sys.argv[1:] if argv is None else argv)
         sys.stdout.flush()  # so that a reader that went away shows here, not at interpreter exit
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever it quotes
         sys.exit(2)
     except BrokenPipeError:  # `script --help | head`: the reader stopped reading, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit

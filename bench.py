@@ -35,34 +35,37 @@ import torch
 import torch.nn.functional as F
 
 import memorize
-from config import UserError, parse_config, run_main, setting
+from config import UserError, at_least, one_of, parse_config, positive, run_main, seed_range, setting
 from distill import DistillConfig, make_soft_loss
 from model import CONFIGS, ModelArgs, Transformer
-from train import (Context, TrainConfig, accumulate_gradients, clip_gradients, cross_entropy_loss,
+from train import (DEVICES, DTYPES, Context, TrainConfig, accumulate_gradients, clip_gradients, cross_entropy_loss,
                    flops_per_token, make_optimizer, parallelize, peak_flops, pick_device, pick_dtype)
 
 
 @dataclass
 class BenchConfig:
-    model: str = setting("bench", "named shape from model.CONFIGS (vocab_size 8192 unless it has one)")
-    batch_size: int = setting(8, "training batch in sequences")
-    seq_len: int = setting(256, "training tokens per sequence")
-    device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda or mps")
-    dtype: str = setting("auto", "training precision: auto (train.py's choice), fp32 or bf16")
-    repeats: int = setting(7, "timed runs of each figure")
-    warmup: int = setting(2, "untimed runs before them")
-    prompt_len: int = setting(32, "generation: prompt tokens")
-    new_tokens: int = setting(96, "generation: new tokens per row")
-    prefix_len: int = setting(50, "memorization: P, the prompt")
-    suffix_len: int = setting(50, "memorization: S, the suffix that must come out exactly")
-    mem_examples: int = setting(64, "memorization: examples per timed run (half of them memorized by construction)")
-    mem_batch_size: int = setting(32, "memorization: examples per batch")
-    teacher_scale: int = setting(2, "distillation: the teacher is this many times wider (dim, heads, FFN)")
+    model: str = setting("bench", "named shape from model.CONFIGS (vocab_size 8192 unless it has one)",
+                         one_of(*CONFIGS))
+    batch_size: int = setting(8, "training batch in sequences", positive)
+    seq_len: int = setting(256, "training tokens per sequence", positive)
+    device: str = setting("auto", "auto: cuda > mps > cpu", one_of(*DEVICES))
+    dtype: str = setting("auto", "training precision (auto: train.py's choice)", one_of(*DTYPES))
+    repeats: int = setting(7, "timed runs of each figure", positive)
+    warmup: int = setting(2, "untimed runs before them", at_least(0))
+    prompt_len: int = setting(32, "generation: prompt tokens", positive)
+    new_tokens: int = setting(96, "generation: new tokens per row", positive)
+    prefix_len: int = setting(50, "memorization: P, the prompt", positive)
+    suffix_len: int = setting(50, "memorization: S, the suffix that must come out exactly", positive)
+    mem_examples: int = setting(64, "memorization: examples per timed run (half of them memorized by construction)",
+                                at_least(2))
+    mem_batch_size: int = setting(32, "memorization: examples per batch", positive)
+    teacher_scale: int = setting(2, "distillation: the teacher is this many times wider (dim, heads, FFN)",
+                                 positive)
     sections: str = setting("training,generation,memorization,distillation", "which figures, comma-separated")
     compile: bool = setting(False, "training step: torch.compile each block, as train.py --compile does")
     skip_hf: bool = setting(False, "do not run transformers next to this project")
     skip_memory: bool = setting(False, "do not measure peak memory")
-    seed: int = setting(0, "weights and tokens")
+    seed: int = setting(0, "weights and tokens", seed_range)
 
 
 # ----------------------------------------------------------------------------------------------

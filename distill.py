@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from config import UserError, parse_config, run_main, setting
+from config import (UserError, above, between, check_output_folder, one_of, parse_config, positive, progress_bar,
+                    run_main, setting)
 from model import Transformer, read_checkpoint_meta
 from prepare import distinct_examples, open_split, read_meta, write_dataset
 from train import TrainConfig, pick_device, prepare_frozen_model, train, unwrap
@@ -38,19 +38,22 @@ from train import TrainConfig, pick_device, prepare_frozen_model, train, unwrap
 @dataclass
 class DistillConfig(TrainConfig):
     teacher: str = setting("", "the teacher's checkpoint folder (any format from_pretrained reads)")
-    kind: str = setting("soft", "soft (match the teacher's distributions) or hard (train on its generations)")
-    divergence: str = setting("forward_kl", "soft: forward_kl = KL(teacher||student), reverse_kl, or jsd")
-    temperature: float = setting(2.0, "soft: softens both distributions; the loss is scaled by T^2")
-    beta: float = setting(0.5, "jsd: mixture weight of the teacher, 0 < beta < 1")
-    alpha: float = setting(1.0, "soft: weight of the distillation term; 1 - alpha goes to cross-entropy on the data")
+    kind: str = setting("soft", "soft: match the teacher's distributions; hard: train on its generations",
+                        one_of("soft", "hard"))
+    divergence: str = setting("forward_kl", "soft: forward_kl is KL(teacher||student), reverse_kl KL(student||teacher)",
+                              one_of("forward_kl", "reverse_kl", "jsd"))
+    temperature: float = setting(2.0, "soft: softens both distributions; the loss is scaled by T^2", above(0))
+    beta: float = setting(0.5, "jsd: mixture weight of the teacher", between(0, 1, low_open=True, high_open=True))
+    alpha: float = setting(1.0, "soft: weight of the distillation term; 1 - alpha goes to cross-entropy on the data",
+                           between(0, 1))
     # 512 tokens: with a vocabulary up to 16k a chunk's fp32 (tokens, vocab) tensors stay under 32 MiB,
     # blocks glibc keeps for reuse; it returns larger ones to the system at every free, and a CPU
     # step paid ~15% for faulting them back in (bench.py, chunks of 1024 x 8192).
-    kd_chunk: int = setting(512, "soft: tokens per chunk of the divergence (bounds its memory)")
+    kd_chunk: int = setting(512, "soft: tokens per chunk of the divergence (bounds its memory)", positive)
     slice_vocab: bool = setting(False, "accept a teacher whose vocabulary is larger (padded) and use the shared ids")
-    prefix_len: int = setting(50, "hard: the teacher continues each example from this many tokens")
+    prefix_len: int = setting(50, "hard: the teacher continues each example from this many tokens", positive)
     hard_data: str = setting("", "hard: folder for the teacher's generations (default: <out_dir>/teacher_data)")
-    gen_batch_size: int = setting(64, "hard: examples per generation batch")
+    gen_batch_size: int = setting(64, "hard: examples per generation batch", positive)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,16 +155,7 @@ def check_config(cfg):
         raise UserError("no teacher given; pass --teacher=path/to/teacher_checkpoint")
     if not os.path.isdir(cfg.teacher):
         raise UserError(f"teacher checkpoint {cfg.teacher!r} does not exist; train it first or fix --teacher")
-    if cfg.kind not in ("soft", "hard"):
-        raise UserError(f"--kind must be soft or hard, not {cfg.kind!r}")
-    if cfg.divergence not in ("forward_kl", "reverse_kl", "jsd"):
-        raise UserError(f"--divergence must be forward_kl, reverse_kl or jsd, not {cfg.divergence!r}")
-    if not cfg.temperature > 0:
-        raise UserError(f"--temperature must be above 0 (the paper uses 2), not {cfg.temperature}")
-    if not 0 < cfg.beta < 1:
-        raise UserError(f"--beta must lie strictly between 0 and 1, not {cfg.beta}")
-    if not 0 <= cfg.alpha <= 1:
-        raise UserError(f"--alpha must lie between 0 and 1, not {cfg.alpha}")
+    check_output_folder(cfg.hard_data or cfg.out_dir, "hard_data" if cfg.hard_data else "out_dir")
 
 
 def check_teacher_fits(path, data_meta, slice_vocab):
@@ -228,7 +222,7 @@ def generate_dataset(teacher, data_dir, out_dir, prefix_len, batch_size, device)
     teacher = teacher.to(device).float().eval()
     first, _, group = distinct_examples(rows)  # a repeated example is continued once, then copied
     out = np.empty((len(first), length), dtype=rows.dtype)
-    for s in tqdm(range(0, len(first), batch_size), desc="teacher generations", unit="batch"):
+    for s in progress_bar(range(0, len(first), batch_size), desc="teacher generations", unit="batch"):
         prompt = torch.from_numpy(rows[first[s:s + batch_size], :prefix_len].astype(np.int64)).to(device)
         new = teacher.generate(prompt, length - prefix_len)
         out[s:s + batch_size] = torch.cat([prompt, new], dim=1).cpu().numpy()

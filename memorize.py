@@ -31,14 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from classifier import at_risk_probability, classifier_trials
-from config import UserError, config_dict, parse_config, run_main, setting
+from config import (UserError, at_least, between, check_output_folder, config_dict, one_of, parse_config, positive,
+                    progress_bar, run_main, seed_range, setting)
 from model import Transformer, checkpoint_format, read_checkpoint_meta
 from prepare import distinct_examples, open_split, read_meta, write_dataset
 from tokenizer import Tokenizer
-from train import pick_device
+from train import DEVICES, pick_device
 
 # Logits are computed for at most this many (row, position, vocabulary) entries at a time.
 CHUNK_ELEMENTS = 1 << 23
@@ -51,33 +51,34 @@ class MemorizeConfig:
     models: str = setting("", "comma-separated name:path; names teacher, baseline*, student_* carry roles")
     out: str = setting("out/memorize", "report folder")
     split: str = setting("train", "which split's examples to test")
-    prefix_len: int = setting(50, "P, prompt tokens (BOS included)")
-    suffix_len: int = setting(50, "S, tokens to reproduce")
-    max_examples: int | None = setting(None, "test only the first N examples")
-    batch_size: int = setting(32, "examples per forward pass (memory: models x B x L x dim)")
+    prefix_len: int = setting(50, "P, prompt tokens (BOS included)", positive)
+    suffix_len: int = setting(50, "S, tokens to reproduce", positive)
+    max_examples: int | None = setting(None, "test only the first N examples", positive)
+    batch_size: int = setting(32, "examples per forward pass (memory: models x B x L x dim)", positive)
     generate: bool = setting(False, "also greedy-decode every suffix for Pythia's match score "
                                     "(about one more pass per model)")
-    sample_tries: int = setting(0, "sampling-based extraction: samples per prefix (0: off)")
-    sample_top_k: int = setting(40, "top-k of the sampling-based extraction")
-    min_k_percent: float = setting(20.0, "k of Min-K% probability")
-    val_examples: int | None = setting(None, "cap on val examples for val_ppl")
+    sample_tries: int = setting(0, "sampling-based extraction: samples per prefix (0: off)", at_least(0))
+    sample_top_k: int = setting(40, "top-k of the sampling-based extraction", positive)
+    min_k_percent: float = setting(20.0, "k of Min-K% probability", between(0, 100, low_open=True))
+    val_examples: int | None = setting(None, "cap on val examples for val_ppl", positive)
     classifier_student: str = setting("", "student the classifier predicts (default: first)")
-    classifier_trials: int = setting(100, "resampled train/test splits (paper: 100)")
-    classifier_neg_ratio: int = setting(3, "negatives per positive (paper: 3)")
-    classifier_test_fraction: float = setting(0.3, "held out per trial (paper: 0.3)")
-    classifier_min_positives: int = setting(10, "fewer memorized examples: no classifier")
+    classifier_trials: int = setting(100, "resampled train/test splits (paper: 100)", positive)
+    classifier_neg_ratio: int = setting(3, "negatives per positive (paper: 3)", positive)
+    classifier_test_fraction: float = setting(0.3, "held out per trial (paper: 0.3)",
+                                              between(0, 1, low_open=True, high_open=True))
+    classifier_min_positives: int = setting(10, "fewer memorized examples: no classifier", positive)
     filter: bool = setting(True, "write a dataset without the examples predicted at risk")
-    filter_threshold: float = setting(0.5, "predicted probability that counts as at risk")
+    filter_threshold: float = setting(0.5, "predicted probability that counts as at risk", between(0, 1))
     filter_out: str = setting("", "filtered dataset folder (default: <out>/filtered_data)")
-    extract_samples: int = setting(0, "Carlini et al. 2021 attack: samples (0: off)")
-    extract_len: int = setting(0, "tokens per sample (0: example_len - 1)")
-    extract_top_k: int = setting(40, "top-k sampling of the attack (Carlini et al.: 40)")
+    extract_samples: int = setting(0, "Carlini et al. 2021 attack: samples (0: off)", at_least(0))
+    extract_len: int = setting(0, "tokens per sample (0: example_len - 1)", at_least(0))
+    extract_top_k: int = setting(40, "top-k sampling of the attack (Carlini et al.: 40)", positive)
     extract_model: str = setting("", "attacked model (default: teacher, else the first)")
     extract_reference: str = setting("", "model name for the ratio score (default: first baseline; 'none' to skip)")
-    extract_window: int = setting(0, "training window that counts as extracted (0: S)")
+    extract_window: int = setting(0, "training window that counts as extracted (0: S)", at_least(0))
     figures: bool = setting(True, "PNG figures (needs matplotlib)")
-    device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, mps")
-    seed: int = setting(1337, "seeds the classifier's resampling and all sampling")
+    device: str = setting("auto", "auto: cuda > mps > cpu", one_of(*DEVICES))
+    seed: int = setting(1337, "seeds the classifier's resampling and all sampling", seed_range)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +232,8 @@ def measure_examples(models, rows, prefix_len, suffix_len, batch_size=32, genera
     index = np.arange(len(rows)) if index is None else np.asarray(index)
     lo, hi = shard_range(len(index), rank, world)
     out = {}
-    for i in tqdm(range(lo, hi, batch_size), desc="memorization", unit="batch", disable=not progress or rank != 0):
+    for i in progress_bar(range(lo, hi, batch_size), desc="memorization", unit="batch",
+                          disable=not progress or rank != 0):
         j = min(i + batch_size, hi)
         rows_np = np.asarray(rows[index[i:j]], dtype=np.int64)
         batch = torch.from_numpy(rows_np).to(device)
@@ -386,7 +388,8 @@ def extraction_samples(target, reference, n, length, bos_id, top_k, batch_size, 
     device = target.tok_embeddings.weight.device
     lo, hi = shard_range(n, rank, world)
     parts = []
-    for i in tqdm(range(lo, hi, batch_size), desc="extraction", unit="batch", disable=not progress or rank != 0):
+    for i in progress_bar(range(lo, hi, batch_size), desc="extraction", unit="batch",
+                          disable=not progress or rank != 0):
         prompt = torch.full((min(batch_size, hi - i), 1), bos_id, dtype=torch.long, device=device)
         tokens = torch.cat([prompt, target.generate(prompt, length, temperature=1.0, top_k=top_k,
                                                     generator=generator)], 1)
@@ -487,13 +490,9 @@ def check_config(cfg, meta):
     if meta.get("layout") != "examples":
         raise UserError(f"{cfg.data} has layout {meta.get('layout')!r}; prepare it with --layout=examples")
     L = meta["example_len"]
-    if cfg.prefix_len < 1 or cfg.suffix_len < 1:
-        raise UserError("--prefix_len and --suffix_len must be at least 1")
     if cfg.prefix_len + cfg.suffix_len > L:
         raise UserError(f"prefix_len + suffix_len = {cfg.prefix_len + cfg.suffix_len} exceeds the {L}-token examples "
                         f"of {cfg.data}; lower them or prepare examples of at least that length")
-    if cfg.batch_size < 1 or cfg.classifier_trials < 1 or not 0 < cfg.classifier_test_fraction < 1:
-        raise UserError("--batch_size and --classifier_trials must be positive and --classifier_test_fraction in (0, 1)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,8 +631,9 @@ def write_figures(summary, cols, out_dir):
     fig, axes = plt.subplots(1, len(feats), figsize=(3 * len(feats), 3), squeeze=False)
     for ax, f in zip(axes[0], feats):
         bins = np.histogram_bin_edges(cols[f], bins=30)
-        ax.hist(cols[f][~label], bins=bins, density=True, alpha=0.6, label="not memorized")
-        ax.hist(cols[f][label], bins=bins, density=True, alpha=0.6, label="memorized")
+        for rows, name in ((~label, "not memorized"), (label, "memorized")):
+            if rows.any():  # a density of no values is 0/0
+                ax.hist(cols[f][rows], bins=bins, density=True, alpha=0.6, label=name)
         ax.set_xlabel(f, fontsize=9)
     axes[0][0].legend(fontsize=8, title=who, title_fontsize=8)
     save(fig, "features.png")
@@ -660,6 +660,9 @@ def run(cfg, models=None):
         raise UserError("pass --data=data/<name>, the dataset folder the models were trained on")
     meta = read_meta(cfg.data)
     check_config(cfg, meta)
+    check_output_folder(cfg.out, "out")
+    if cfg.filter_out:
+        check_output_folder(cfg.filter_out, "filter_out")
     rows = open_split(cfg.data, cfg.split)[:cfg.max_examples]  # a memmap: rows are read batch by batch
     if len(rows) == 0:
         raise UserError(f"the {cfg.split!r} split of {cfg.data} has no examples; prepare it with more data")

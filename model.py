@@ -12,7 +12,8 @@ The Llama 3 / 3.1 / 3.2 transformer in one file, in the order of the math.
 - Batched generation: greedy, temperature, top-k, top-p, stop tokens.
 - `CONFIGS` with the official shapes and small presets; a documented initialization for training.
 - Loading this project's checkpoints, Meta's `consolidated.*.pth` folders and Hugging Face folders
-  without holding two copies of the weights; saving, and exporting to Hugging Face's layout.
+  without holding two copies of the weights; saving, and exporting to Hugging Face's layout. A file
+  that cannot be read (damaged, truncated, not a plain tensor file) is refused naming the file.
 """
 
 import dataclasses
@@ -20,12 +21,17 @@ import glob
 import json
 import math
 import os
+import pickle
+import warnings
+import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from config import UserError  # a file that cannot be read is the user's to fix: one line, no traceback
 
 
 @dataclass
@@ -407,13 +413,46 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 # as its parameters, so loading holds one copy of the weights, not two.
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+REPLACE = "replace it with an intact copy (or train the checkpoint again)"
+
+
+def first_line(error, limit=160):
+    """An exception's message cut to one short line (torch's and safetensors' run to paragraphs)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_json(path):
+    """A JSON object from a checkpoint's config.json, params.json or index; UserError if damaged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({first_line(e)}); {REPLACE}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a JSON {type(obj).__name__}, not an object of settings; {REPLACE}")
+    return obj
+
+
+def load_tensor_file(path):
+    """A file of tensors saved by torch.save (Meta's consolidated.*.pth, train.py's train_state.pt),
+    read with weights_only: a restricted unpickler that only rebuilds tensors and plain containers,
+    so a file that would run code is refused rather than run. Zip-format files are memory-mapped."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is not a plain tensor file (it is damaged, or holds Python objects that only an "
+                        f"unpickler that can run code would load, which this project never does); {REPLACE}") from None
+    except (RuntimeError, EOFError, OSError) as e:  # a damaged or truncated archive
+        raise UserError(f"{path} is damaged or truncated ({first_line(e)}); {REPLACE}") from None
 
 
 def checkpoint_format(path):
     """'own', 'meta' or 'hf', from the files in the folder path."""
     if os.path.isfile(os.path.join(path, CONFIG)):
-        with open(os.path.join(path, CONFIG)) as f:
-            return "own" if "model_args" in json.load(f) else "hf"
+        return "own" if "model_args" in read_json(os.path.join(path, CONFIG)) else "hf"
     if os.path.isfile(os.path.join(path, "params.json")):
         return "meta"
     raise FileNotFoundError(
@@ -423,27 +462,41 @@ def checkpoint_format(path):
 
 def read_checkpoint_meta(path):
     """The config.json of one of this project's checkpoint folders, without loading weights."""
-    with open(os.path.join(path, CONFIG)) as f:
-        return json.load(f)
+    return read_json(os.path.join(path, CONFIG))
 
 
-def model_args_from_dict(d):
+def model_args_from_dict(d, source="the settings"):
     """ModelArgs from a dict, ignoring keys this file does not know (newer params.json fields)."""
     known = {f.name for f in dataclasses.fields(ModelArgs)}
-    return ModelArgs(**{k: v for k, v in d.items() if k in known})
+    try:
+        return ModelArgs(**{k: v for k, v in d.items() if k in known})
+    except TypeError:
+        raise UserError(f"{source} gives a model setting of the wrong type (a shape that is not a number?); "
+                        f"{REPLACE}") from None
+    except ValueError as e:  # numbers that do not fit together
+        raise UserError(f"{source} describes no valid model ({first_line(e)}); {REPLACE}") from None
 
 
-def _build(args, state_dict, device, dtype):
+def few(names, n=3):
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _build(args, state_dict, device, dtype, source):
     with torch.device("meta"):
         model = Transformer(args)
     for k in list(state_dict):  # one tensor at a time, so the old copy is freed as we go
         state_dict[k] = state_dict[k].to(device=device, dtype=dtype)
     if args.tie_word_embeddings:
         state_dict.pop("output.weight", None)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as e:  # a tensor whose shape is not the one the config describes
+        what = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first_line(e))
+        raise UserError(f"the weights in {source} do not fit its config ({first_line(what)}); {REPLACE}") from None
     missing = [k for k in missing if not (args.tie_word_embeddings and k == "output.weight")]
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+        raise UserError(f"the weights in {source} do not fit the model (missing: {few(missing) or 'none'}; "
+                        f"unexpected: {few(unexpected) or 'none'}); {REPLACE}")
     if args.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.init_rope()
@@ -451,18 +504,25 @@ def _build(args, state_dict, device, dtype):
 
 
 def _load_safetensors_files(files):
-    from safetensors import safe_open
-    state = {}
+    """({name: tensor}, {name: the file it came from}) from .safetensors files."""
+    from safetensors import SafetensorError, safe_open
+    state, origin = {}, {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
-    return state
+        if not os.path.isfile(file):
+            raise UserError(f"{file} is missing; copy the whole checkpoint folder")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    state[key], origin[key] = f.get_tensor(key), file
+        except SafetensorError as e:
+            raise UserError(f"{file} is damaged or truncated ({first_line(e)}); {REPLACE}") from None
+    return state, origin
 
 
 def load_own(path, device, dtype):
-    args = model_args_from_dict(read_checkpoint_meta(path)["model_args"])
-    return _build(args, _load_safetensors_files([os.path.join(path, WEIGHTS)]), device, dtype)
+    config = os.path.join(path, CONFIG)
+    args = model_args_from_dict(read_json(config)["model_args"], config)
+    return _build(args, _load_safetensors_files([os.path.join(path, WEIGHTS)])[0], device, dtype, path)
 
 
 def load_meta(path, device, dtype):
@@ -470,13 +530,14 @@ def load_meta(path, device, dtype):
     Sharded tensors are concatenated by Meta's layout: column-parallel layers (wq, wk, wv, w1, w3,
     output) and the vocabulary-parallel embedding on dim 0, row-parallel ones (wo, w2) on dim 1;
     norms are replicated. Key/value heads replicated across more shards than heads are de-duplicated."""
-    with open(os.path.join(path, "params.json")) as f:
-        params = json.load(f)
+    params = read_json(os.path.join(path, "params.json"))
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not files:
         raise FileNotFoundError(f"{path} has params.json but no consolidated.*.pth weights")
-    # weights_only: a restricted unpickler that only rebuilds tensors; mmap: no copy in RAM.
-    shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    shards = [load_tensor_file(f) for f in files]  # memory-mapped: no copy in RAM
+    for f, shard in zip(files, shards):
+        if not isinstance(shard, dict) or set(shard) != set(shards[0]):
+            raise UserError(f"{f} does not hold the same tensors as {files[0]}; {REPLACE}")
     state = {}
     for key in shards[0]:
         parts = [s[key] for s in shards]
@@ -493,15 +554,17 @@ def load_meta(path, device, dtype):
     params.setdefault("tie_word_embeddings", tied)
     if tied and params.get("use_scaled_rope"):
         params.setdefault("rope_scaling_factor", 32.0)
+    if "tok_embeddings.weight" not in state:
+        raise UserError(f"{files[0]} holds no tok_embeddings.weight, so it is not a Llama checkpoint; {REPLACE}")
     params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
-    args = model_args_from_dict(params)
+    args = model_args_from_dict(params, os.path.join(path, "params.json"))
     kv_rows = args.n_kv_heads * args.head_dim
     for key in [k for k in state if k.endswith(("wk.weight", "wv.weight"))]:
         w = state[key]
         if w.shape[0] > kv_rows:  # each shard held a copy of its key/value heads
             reps = w.shape[0] // kv_rows
             state[key] = w.view(args.n_kv_heads, reps, args.head_dim, -1)[:, 0].reshape(kv_rows, -1)
-    return _build(args, state, device, dtype)
+    return _build(args, state, device, dtype, path)
 
 
 # Hugging Face's names for Meta's, per layer and at the top.
@@ -554,34 +617,45 @@ def hf_config_to_args(cfg):
 
 
 def load_hf(path, device, dtype):
-    with open(os.path.join(path, CONFIG)) as f:
-        args = hf_config_to_args(json.load(f))
+    config = os.path.join(path, CONFIG)
+    try:
+        args = hf_config_to_args(read_json(config))
+    except KeyError as e:
+        raise UserError(f"{config} has no {e} entry, so it is neither this project's nor a Hugging Face "
+                        f"Llama config; {REPLACE}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{config} describes no model this file can build ({first_line(e)})") from None
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index} has no weight_map of tensor names to files; {REPLACE}")
+        files = sorted({os.path.join(path, v) for v in weight_map.values()})
     else:
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{path} has a Hugging Face config.json but no .safetensors weights")
-    raw, state = _load_safetensors_files(files), {}
+    (raw, origin), state = _load_safetensors_files(files), {}
     for key in list(raw):
         w = raw.pop(key)  # renamed (and un-permuted) one tensor at a time: never two copies
         if key.startswith("model.layers."):
-            _, _, i, rest = key.split(".", 3)
-            module, param = rest.rsplit(".", 1)
+            i, _, rest = key.removeprefix("model.layers.").partition(".")
+            module, _, param = rest.rpartition(".")
+            if module not in _HF_LAYER:
+                raise UserError(f"{origin[key]} holds {key!r}, which is no part of a Llama layer; this loader "
+                                "reads Llama 3 checkpoints (LlamaForCausalLM) only")
             name = f"layers.{i}.{_HF_LAYER[module]}.{param}"
             if module == "self_attn.q_proj":
                 w = _hf_unpermute(w, args.n_heads)
             elif module == "self_attn.k_proj":
                 w = _hf_unpermute(w, args.n_kv_heads)
         else:
-            module, param = key.rsplit(".", 1)
+            module, _, param = key.rpartition(".")
             if module not in _HF_TOP:
                 continue  # e.g. rotary inv_freq buffers saved by old versions
             name = f"{_HF_TOP[module]}.{param}"
         state[name] = w
-    return _build(args, state, device, dtype)
+    return _build(args, state, device, dtype, path)
 
 
 def _atomic_save_safetensors(tensors, path, metadata=None):

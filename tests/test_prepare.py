@@ -43,9 +43,11 @@ def prepare_run(tmp_path, input_path, *args):
 
 
 def documents_of_stream(tok, stream):
-    """The texts of a packed stream, cut at each BOS."""
+    """The texts of a packed stream, cut at each BOS; every document must end with EOS."""
     starts = list(np.flatnonzero(np.asarray(stream) == tok.bos_id)) + [len(stream)]
-    return [tok.decode(stream[a + 1 : b]) for a, b in zip(starts, starts[1:])]
+    pieces = [stream[a:b] for a, b in zip(starts, starts[1:])]
+    assert all(p[-1] == tok.eos_id and tok.eos_id not in p[:-1] for p in pieces)
+    return [tok.decode(p[1:-1]) for p in pieces]
 
 
 # --- the packed layout ---
@@ -65,8 +67,9 @@ def test_packed_meta_matches_the_files(tmp_path):
         info = meta["splits"][split]
         assert info["tokens"] == os.path.getsize(out / f"{split}.bin") // 2
         stream = open_split(out, split)
-        assert stream.shape == (info["tokens"],) and stream[0] == tok.bos_id
-        assert info["documents"] == int((stream == tok.bos_id).sum()) and info["examples"] is None
+        assert stream.shape == (info["tokens"],) and stream[0] == tok.bos_id and stream[-1] == tok.eos_id
+        assert info["documents"] == int((stream == tok.bos_id).sum()) == int((stream == tok.eos_id).sum())
+        assert info["examples"] is None
     assert meta["splits"]["val"]["documents"] == round(len(docs) * 0.1)
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(docs)
 
@@ -206,7 +209,7 @@ def test_uint32_is_chosen_for_a_vocabulary_over_65536(tmp_path):
     out = tmp_path / "data" / "ds"
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 65792 + 256
     assert meta["splits"]["train"]["tokens"] == os.path.getsize(out / "train.bin") // 4
-    assert open_split(out, "train").max() == meta["bos_id"] == 65792
+    assert open_split(out, "train").max() == meta["eos_id"] == 65793 and meta["bos_id"] == 65792
     assert (out / "tokenizer.model").read_bytes() == path.read_bytes()
 
 
@@ -317,7 +320,7 @@ def test_reading_a_missing_or_damaged_dataset_is_a_user_error(tmp_path):
         read_meta(tmp_path / "nothing")
     prepare_run(tmp_path, write_txt(tmp_path / "in", make_docs(4)), "--val_fraction=0")
     out = tmp_path / "data" / "ds"
-    with pytest.raises(UserError, match="'val' split .* is empty"):
+    with pytest.raises(UserError, match=r"no validation data \(--val_fraction=0\); .* larger --val_fraction"):
         open_split(out, "val")
     with pytest.raises(UserError, match="no 'test' split"):
         open_split(out, "test")
@@ -348,7 +351,7 @@ def test_input_errors_stop_with_a_clear_message(tmp_path):
     write_txt(tmp_path / "one", ["Only one document.\n"])
     with pytest.raises(UserError, match="cannot be split by document"):
         prepare_run(tmp_path, tmp_path / "one")
-    with pytest.raises(UserError, match="--layout is packed or examples"):
+    with pytest.raises(UserError, match="--layout must be one of packed, examples, not 'rows'"):
         prepare_run(tmp_path, tmp_path / "one", "--layout=rows")
     assert not (tmp_path / "data" / "ds").exists()
 

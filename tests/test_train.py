@@ -231,7 +231,7 @@ def test_fine_tunes_from_own_and_hugging_face_checkpoints(data, tmp_path):
     Transformer.from_pretrained(str(tmp_path / "base")).export_hf(str(tmp_path / "hf"))
     first = {}
     for name in ("base", "hf"):
-        run(data["examples"], tmp_path / f"ft_{name}", "--batch_size=8", "--max_steps=1",
+        run(data["examples"], tmp_path / f"ft_{name}", "--batch_size=8", "--max_steps=1", "--warmup_steps=0",
             f"--init_from={tmp_path / name}")
         first[name] = losses(tmp_path / f"ft_{name}")[1]
     # The same weights either way, far past where a fresh model starts.
@@ -303,7 +303,7 @@ def test_batch_larger_than_the_dataset_is_a_clear_error(data, tmp_path):
 
 def test_tokenizer_or_vocabulary_that_differs_from_the_checkpoint_is_refused(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    run(data["examples"], ckpt, "--batch_size=4", "--max_steps=1")
+    run(data["examples"], ckpt, "--batch_size=4", "--max_steps=1", "--warmup_steps=1")
     before = file_hashes(ckpt)
     other_file = examples_dataset(tmp_path / "other_file", shift=1)  # same 512 tokens, other bytes
     other_vocab = examples_dataset(tmp_path / "other_vocab", n_ranks=300)
@@ -313,7 +313,7 @@ def test_tokenizer_or_vocabulary_that_differs_from_the_checkpoint_is_refused(dat
         run(other_vocab, tmp_path / "ft", f"--init_from={ckpt}", "--batch_size=4")
     # Resuming on other data, even with --overwrite, stops before anything is written.
     with pytest.raises(UserError, match="differs from the one of"):
-        run(other_file, ckpt, "--batch_size=4", "--max_steps=1", "--resume")
+        run(other_file, ckpt, "--batch_size=4", "--max_steps=1", "--warmup_steps=1", "--resume")
     assert file_hashes(ckpt) == before and not (tmp_path / "ft").exists()
 
 

@@ -32,7 +32,7 @@ from config import (UserError, above, between, check_output_folder, one_of, pars
                     run_main, setting)
 from model import Transformer, read_checkpoint_meta
 from prepare import distinct_examples, open_split, read_meta, write_dataset
-from train import TrainConfig, pick_device, prepare_frozen_model, train, unwrap
+from train import ChunkedOutputLoss, TrainConfig, pick_device, prepare_frozen_model, train, unwrap
 
 
 @dataclass
@@ -80,50 +80,21 @@ def divergence(student_logits, teacher_logits, kind="forward_kl", temperature=1.
     raise ValueError(f"unknown divergence {kind!r}")
 
 
-class ChunkedDistillation(torch.autograd.Function):
-    """loss = mean over N tokens of alpha T^2 D(p_t || q_t) + (1 - alpha) CE(q_t at T=1, target_t).
+def distillation_loss(hidden, weight, teacher_hidden, teacher_weight, targets, opts):
+    """(loss, [divergence, cross-entropy]): the mean over N tokens of alpha T^2 D(p_t || q_t) +
+    (1 - alpha) CE(q_t at T = 1, target_t), where the student's logits are hidden @ weight.T and the
+    teacher's teacher_hidden @ teacher_weight.T. Both are formed chunk by chunk in fp32, with the
+    student's gradient, by train.py's ChunkedOutputLoss: no full (tokens, vocab) tensor is ever alive."""
 
-    The student's logits are hidden @ weight.T. Going chunk by chunk, the forward pass forms each
-    chunk's logits in fp32, its loss, and straight away the gradient of that loss with respect to
-    the chunk's hidden states and to the output weight; the backward pass only scales them. So at
-    most one chunk of (tokens, vocab) tensors is alive, and no logits are recomputed."""
+    def chunk_loss(logits, rows):
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_hidden[rows], teacher_weight).float()
+        div = divergence(logits, teacher_logits, opts["divergence"], opts["temperature"], opts["beta"])
+        ce = F.cross_entropy(logits, targets[rows], reduction="none")
+        loss = (opts["alpha"] * opts["temperature"] ** 2 * div + (1 - opts["alpha"]) * ce).sum()
+        return loss, torch.stack([div.detach().sum(), ce.detach().sum()])
 
-    @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, opts):
-        need_grad = hidden.requires_grad or weight.requires_grad
-        n, chunk = hidden.shape[0], opts["chunk"]
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        div_sum, ce_sum = loss_sum.clone(), loss_sum.clone()
-        for s in range(0, n, chunk):
-            h = hidden[s:s + chunk]
-            with torch.no_grad():
-                teacher_logits = F.linear(teacher_hidden[s:s + chunk], teacher_weight).float()
-            with torch.enable_grad():
-                logits = F.linear(h.detach(), weight.detach()).float().requires_grad_(need_grad)
-                div = divergence(logits, teacher_logits, opts["divergence"], opts["temperature"], opts["beta"])
-                ce = F.cross_entropy(logits, targets[s:s + chunk], reduction="none")
-                loss = (opts["alpha"] * opts["temperature"] ** 2 * div + (1 - opts["alpha"]) * ce).sum()
-                if need_grad:
-                    (g,) = torch.autograd.grad(loss, logits)  # (chunk, V) fp32
-            if need_grad:
-                g = g.to(h.dtype)
-                grad_hidden[s:s + chunk] = g @ weight.to(h.dtype)
-                grad_weight += (g.t() @ h).float()
-            loss_sum += loss.detach()
-            div_sum += div.detach().sum()
-            ce_sum += ce.detach().sum()
-        if need_grad:
-            ctx.save_for_backward(grad_hidden / n, (grad_weight / n).to(weight.dtype))
-        stats = torch.stack([div_sum, ce_sum]) / n
-        ctx.mark_non_differentiable(stats)
-        return loss_sum / n, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_stats):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+    return ChunkedOutputLoss.apply(hidden, weight, chunk_loss, opts["chunk"])
 
 
 def make_soft_loss(teacher, cfg):
@@ -138,7 +109,7 @@ def make_soft_loss(teacher, cfg):
             teacher_hidden = teacher(inputs, doc_ids=doc_ids, return_hidden=True)
         weight = unwrap(model).output.weight
         vocab = weight.shape[0]  # a larger (padded) teacher vocabulary is cut to the student's ids
-        loss, stats = ChunkedDistillation.apply(
+        loss, stats = distillation_loss(
             hidden.flatten(0, 1), weight, teacher_hidden.flatten(0, 1), teacher.output.weight[:vocab],
             batch["targets"].flatten(), opts)
         return loss, {"kl" if cfg.divergence.endswith("kl") else cfg.divergence: stats[0], "ce": stats[1]}

@@ -423,10 +423,66 @@ class MemorizationTracker:
         return self.index[flags[:n].numpy().astype(bool)]
 
 
+class ChunkedOutputLoss(torch.autograd.Function):
+    """The mean over N positions of a loss on the output layer's logits (hidden @ weight.T), chunk by
+    chunk: the forward pass forms each chunk's logits in fp32, its loss, and straight away the
+    gradient of that loss with respect to the chunk's hidden states and the output weight; the
+    backward pass only scales them. So at most one chunk of (tokens, vocabulary) tensors is alive,
+    small enough to stay in the CPU's cache, and no logits are recomputed. (On a CPU, the small
+    models' training step spent most of its time on full-size logits: softmax, its backward, casts.)
+
+    chunk_loss(logits, rows) -> (summed loss, summed statistics (k,)) for the chunk of positions
+    `rows`; logits (chunk, V) fp32. Returns (mean loss, mean statistics)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, chunk_loss, chunk):
+        need_grad = hidden.requires_grad or weight.requires_grad
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        loss_sum, stats_sum = hidden.new_zeros((), dtype=torch.float32), 0.0
+        for s in range(0, n, chunk):
+            rows, h = slice(s, s + chunk), hidden[s:s + chunk]
+            with torch.enable_grad():
+                logits = F.linear(h.detach(), weight.detach()).float().requires_grad_(need_grad)
+                loss, stats = chunk_loss(logits, rows)
+                if need_grad:
+                    (g,) = torch.autograd.grad(loss, logits)  # (chunk, V) fp32
+            if need_grad:
+                g = g.to(h.dtype)
+                grad_hidden[rows] = g @ weight.to(h.dtype)
+                grad_weight += (g.t() @ h).float()
+            loss_sum += loss.detach()
+            stats_sum = stats_sum + stats.detach()
+        if need_grad:
+            ctx.save_for_backward(grad_hidden / n, (grad_weight / n).to(weight.dtype))
+        stats = stats_sum / n
+        ctx.mark_non_differentiable(stats)
+        return loss_sum / n, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+# Positions per chunk of the output layer's loss: (256, 4096) fp32 logits are 4 MiB, which fits a
+# CPU core's L2 cache with room to spare; on the `small` model a bf16 step ran 1.3x faster than
+# with all 2,048 positions at once (under load), and chunks of 128 or 512 were no faster.
+LOSS_CHUNK = 256
+
+
 def cross_entropy_loss(model, batch):
-    """The default loss_fn(model, batch) -> (loss, metrics): next-token cross-entropy, mean over tokens."""
-    logits = model(batch["inputs"], doc_ids=batch.get("doc_ids"))  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten()), {}
+    """The default loss_fn(model, batch) -> (loss, metrics): next-token cross-entropy, mean over
+    tokens, from the final hidden states through the output layer in chunks (ChunkedOutputLoss)."""
+    hidden = model(batch["inputs"], doc_ids=batch.get("doc_ids"), return_hidden=True)  # (B, T, dim)
+    targets = batch["targets"].flatten()
+
+    def chunk_loss(logits, rows):
+        return F.cross_entropy(logits, targets[rows], reduction="sum"), logits.new_zeros(0)
+
+    loss, _ = ChunkedOutputLoss.apply(hidden.flatten(0, 1), unwrap(model).output.weight, chunk_loss, LOSS_CHUNK)
+    return loss, {}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import distill
 from config import UserError
-from distill import ChunkedDistillation, divergence
+from distill import distillation_loss, divergence
 from model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +28,7 @@ def direct_kl(p_logits, q_logits, T):
 def chunked_loss(hidden, weight, t_hidden, t_weight, targets, chunk, **kw):
     opts = dict(chunk=chunk, divergence="forward_kl", temperature=2.0, beta=0.5, alpha=1.0)
     opts.update(kw)
-    return ChunkedDistillation.apply(hidden, weight, t_hidden, t_weight, targets, opts)
+    return distillation_loss(hidden, weight, t_hidden, t_weight, targets, opts)
 
 
 @pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 4.0])

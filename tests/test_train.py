@@ -12,11 +12,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import train as train_module
 from config import UserError, parse_config
-from model import Transformer
 from memorize import memorized_flags
+from model import ModelArgs, Transformer
 from prepare import open_split, write_dataset
 from train import TrainConfig, cross_entropy_loss, lr_at, main, prepare_frozen_model, train
 
@@ -164,6 +166,24 @@ def test_memorization_is_tracked_during_training_once_per_distinct_example(tmp_p
     model = Transformer.from_pretrained(str(tmp_path / "run"))
     flags = memorized_flags(model, np.delete(rows, 1, axis=0), 5, 8)
     assert tracked[-1]["indices"] == [i + (i > 0) for i in np.flatnonzero(flags).tolist()] and flags.sum() > 0
+
+
+def test_chunked_cross_entropy_equals_the_loss_and_gradients_of_full_logits(monkeypatch):
+    monkeypatch.setattr(train_module, "LOSS_CHUNK", 7)  # 3 x 10 positions: chunks of 7, the last of 2
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=300, multiple_of=16))
+    model.init_weights()
+    rows = torch.randint(0, 300, (3, 11))
+    batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+    loss, _ = cross_entropy_loss(model, batch)
+    loss.backward()
+    chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    full = F.cross_entropy(model(batch["inputs"]).flatten(0, 1), batch["targets"].flatten())
+    full.backward()
+    assert torch.allclose(loss, full, rtol=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(chunked[n], p.grad, rtol=1e-4, atol=1e-7), n
 
 
 # --- checkpoints and resume ---

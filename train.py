@@ -59,7 +59,7 @@ class TrainConfig:
     seq_len: int = setting(256, "tokens per training window of packed data (examples keep their length)")
     # batch and length of the run
     batch_size: int = setting(16, "global batch in sequences, over all processes")
-    micro_batch_size: Optional[int] = setting(None, "sequences per device per forward (default: batch_size / processes)")
+    micro_batch_size: Optional[int] = setting(None, "sequences per device per forward (default and cap: batch_size / processes)")
     epochs: int = setting(1, "passes over the training data, unless max_steps or tokens is set")
     max_steps: Optional[int] = setting(None, "optimizer steps of the whole run")
     tokens: Optional[int] = setting(None, "training tokens of the whole run")
@@ -223,6 +223,18 @@ def validation_rows(cfg, meta, seq_len, world_size):
     if len(rows) == 0:
         raise UserError(f"the validation split of {cfg.data} holds fewer sequences than processes; prepare more data")
     return np.array(rows, dtype=np.int64)
+
+
+def batch_plan(batch_size, micro_batch_size, world_size):
+    """How a step's global batch splits: (sequences per process, micro-batch size, micro-batches per
+    step). The micro-batch is capped at a process's share, so a preset written for few processes
+    also runs on many (configs/gpu: 128 sequences in micro-batches of 64 become 16 on 8 GPUs)."""
+    per_rank = batch_size // world_size
+    micro = min(micro_batch_size or per_rank, per_rank)
+    if batch_size % world_size or per_rank < 1 or micro < 1 or per_rank % micro:
+        raise UserError(f"--batch_size={batch_size} must divide into {world_size} process(es) "
+                        f"x micro-batches of --micro_batch_size={micro_batch_size or per_rank}")
+    return per_rank, micro, per_rank // micro
 
 
 def micro_batches(rows, ctx, micro_batch_size):
@@ -551,11 +563,7 @@ def train(cfg, loss_fn=None, setup_hook=None):
         total_steps = cfg.max_steps or (math.ceil(cfg.tokens / (cfg.batch_size * data.seq_len)) if cfg.tokens
                                         else cfg.epochs * data.steps_per_epoch)
         stop_step = min(total_steps, cfg.stop_after or total_steps)
-        per_rank = cfg.batch_size // ctx.world_size
-        micro_batch_size = cfg.micro_batch_size or per_rank
-        if cfg.batch_size % ctx.world_size or per_rank % micro_batch_size:
-            raise UserError(f"--batch_size={cfg.batch_size} must divide into {ctx.world_size} process(es) "
-                            f"x micro-batches of --micro_batch_size={micro_batch_size}")
+        _, micro_batch_size, _ = batch_plan(cfg.batch_size, cfg.micro_batch_size, ctx.world_size)
 
         # ---- model, optimizer, run folder ----------------------------------------------------
         check_run_dir(cfg, ctx)

@@ -3,6 +3,7 @@ API distill.py uses, and clear errors. Tiny models on a byte-level vocabulary of
 
 import base64
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from config import UserError, parse_config
 from model import Transformer
 from prepare import write_dataset
-from train import TrainConfig, cross_entropy_loss, lr_at, main, prepare_frozen_model, train
+from train import TrainConfig, batch_plan, cross_entropy_loss, lr_at, main, prepare_frozen_model, train
 
 BOS = 256  # the byte-level tokenizer below has 256 ranks, so its first special token is 256
 TINY = ["--model=tiny", "--dim=32", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1", "--dtype=fp32",
@@ -308,3 +309,35 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
     weights = load_file(out / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# --- the batch arithmetic of every preset -------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINING_PRESETS = sorted(os.path.relpath(p, REPO) for name in ("teacher", "baseline", "student")
+                          for p in glob.glob(os.path.join(REPO, "configs", "*", f"{name}.toml")))
+
+
+def test_the_micro_batch_is_capped_at_each_process_share():
+    assert batch_plan(128, 64, 8) == (16, 16, 1)  # configs/gpu launched on 8 GPUs
+    assert batch_plan(128, 32, 2) == (64, 32, 2)
+    assert batch_plan(16, None, 1) == (16, 16, 1)
+    for batch_size, micro, world in [(10, None, 4), (12, 5, 1), (4, None, 8)]:
+        with pytest.raises(UserError, match=f"--batch_size={batch_size} must divide into {world} process"):
+            batch_plan(batch_size, micro, world)
+
+
+@pytest.mark.parametrize("preset", TRAINING_PRESETS)
+def test_every_training_preset_keeps_its_global_batch_at_1_2_4_and_8_processes(preset):
+    from distill import DistillConfig  # its settings are a superset of train.py's
+    cfg = parse_config(DistillConfig, [f"--config={os.path.join(REPO, preset)}"])
+    for world in (1, 2, 4, 8):
+        per_rank, micro, accumulation = batch_plan(cfg.batch_size, cfg.micro_batch_size, world)
+        assert per_rank * world == cfg.batch_size
+        assert micro * accumulation == per_rank and micro <= per_rank
+        if cfg.micro_batch_size and cfg.micro_batch_size <= per_rank:
+            assert micro == cfg.micro_batch_size  # the preset's micro-batch where it fits
+
+
+def test_the_presets_of_all_three_folders_are_checked():
+    assert len(TRAINING_PRESETS) >= 9, TRAINING_PRESETS  # reproduce, gpu, llama32

@@ -38,7 +38,7 @@ from config import UserError, config_dict, parse_config, run_main, setting
 from model import Transformer, checkpoint_format, read_checkpoint_meta
 from prepare import open_split, read_meta, write_dataset
 from tokenizer import Tokenizer
-from train import pick_device
+from train import exit_with_launcher, pick_device
 
 # Logits are computed for at most this many (row, position, vocabulary) entries at a time.
 CHUNK_ELEMENTS = 1 << 23
@@ -668,6 +668,7 @@ def run(cfg, models=None):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        exit_with_launcher()
     try:
         paths = parse_models(cfg.models) if models is None else {n: "(in memory)" for n in models}
         check_names(cfg, list(paths))

@@ -25,6 +25,8 @@ import json
 import math
 import os
 import shutil
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -174,12 +176,28 @@ def processes(cfg):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         ctx.rank, ctx.world_size = dist.get_rank(), dist.get_world_size()
-    try:
-        yield ctx
-    finally:
-        if dist.is_initialized():
-            dist.barrier()  # FSDP on gloo aborts at exit unless every rank gets here first
-            dist.destroy_process_group()
+        exit_with_launcher()
+    yield ctx
+    # Only a rank that succeeded gets here: one that raised leaves at once with its error (torchrun
+    # then stops the others), where a barrier would wait for ranks stuck in a collective with it.
+    if dist.is_initialized():
+        dist.barrier()  # FSDP on gloo aborts at exit unless every rank gets here first
+        dist.destroy_process_group()
+
+
+def exit_with_launcher():
+    """End this worker when its launcher dies. torchrun starts each worker in a session of its own,
+    so a `kill -9` of torchrun would leave the workers running (holding GPU memory) for good."""
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:  # an orphan is adopted by another process
+            time.sleep(1)
+        print(f"error: the launcher (process {launcher}) died; rank {os.environ.get('RANK')} stops too",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit_with_launcher", daemon=True).start()
 
 
 # ----------------------------------------------------------------------------------------------

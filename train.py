@@ -28,12 +28,14 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
@@ -448,9 +450,23 @@ def evaluate(model, rows, ctx, micro_batch_size, loss_fn=None):
 # atomic rename), then moved one by one into the run folder. A run killed while writing leaves
 # .tmp-ckpt/, discarded at the next start; one killed while moving leaves .ckpt-ready/, whose
 # remaining files the next start moves in. So a resume only ever reads a complete checkpoint.
+#
+# The weights are always gathered into one model.safetensors. The optimizer state (twice the
+# weights in fp32) goes into train_state.pt from one process or DDP; under FSDP each rank writes
+# only its shard, into optimizer/ (torch.distributed.checkpoint), and reads back only what it
+# holds, so no rank ever holds the whole state. Either kind resumes on any number of processes.
 
-CKPT_FILES = ("model.safetensors", "config.json", "tokenizer.model", "train_state.pt")
+OPTIMIZER_DIR = "optimizer"
+CKPT_FILES = ("model.safetensors", "config.json", "tokenizer.model", "train_state.pt", OPTIMIZER_DIR)
 TMP_DIR, READY_DIR = ".tmp-ckpt", ".ckpt-ready"
+
+
+def remove_entry(path):
+    """Delete a file or a folder (optimizer/) if it is there."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def finish_interrupted_save(out_dir):
@@ -459,18 +475,56 @@ def finish_interrupted_save(out_dir):
     if os.path.isdir(ready):
         for name in CKPT_FILES:
             if os.path.exists(os.path.join(ready, name)):  # the ones already moved are gone
+                if os.path.isdir(os.path.join(ready, name)):  # a folder cannot replace a full one
+                    remove_entry(os.path.join(out_dir, name))
                 os.replace(os.path.join(ready, name), os.path.join(out_dir, name))
         shutil.rmtree(ready)
 
 
+def save_sharded_optimizer(model, optimizer, path):
+    """Every FSDP rank writes its shard of the optimizer's tensors as safetensors, with the offsets
+    of its slices in the file's JSON header (torch.distributed.checkpoint's Hugging Face format:
+    nothing in it is pickled, unlike DCP's default .metadata file). Returns the param groups
+    (learning rate, betas, ...), which go into train_state.pt."""
+    state = get_optimizer_state_dict(model, optimizer)  # DTensors: this rank's shards
+    dcp.save({"state": state["state"]}, storage_writer=dcp.HuggingFaceStorageWriter(path, save_distributed=True))
+    return state["param_groups"]
+
+
+def load_sharded_optimizer(model, optimizer, path, param_groups):
+    """Read the slices of the saved optimizer state that this rank holds now (any number of ranks,
+    or one process), straight into the optimizer. Returns the tensors read."""
+    state = get_optimizer_state_dict(model, optimizer)  # allocated for the current sharding
+    with warnings.catch_warnings():  # one process reading every shard is meant, not a mistake
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load({"state": state["state"]}, storage_reader=dcp.HuggingFaceStorageReader(path))
+    set_optimizer_state_dict(model, optimizer, {"state": state["state"], "param_groups": param_groups})
+    return state["state"]
+
+
+def local_bytes(state):
+    """Bytes of the tensors in a nested dict that this process holds (a DTensor: its own shard)."""
+    if isinstance(state, dict):
+        return sum(local_bytes(v) for v in state.values())
+    if isinstance(state, DTensor):
+        return state.to_local().nbytes
+    return state.nbytes if isinstance(state, torch.Tensor) else 0
+
+
 def save_checkpoint(model, optimizer, ctx, step, steps_per_epoch, extra):
-    """Gather the full model and optimizer state (a collective under FSDP); rank 0 writes it."""
+    """Gather the full model (a collective under FSDP); rank 0 writes it with the optimizer state,
+    or under FSDP every rank writes its shard of the optimizer state."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    cfg, tmp = ctx.cfg, os.path.join(ctx.cfg.out_dir, TMP_DIR)
     if ctx.is_main:
-        cfg, tmp = ctx.cfg, os.path.join(ctx.cfg.out_dir, TMP_DIR)
         shutil.rmtree(tmp, ignore_errors=True)
+    if ctx.parallel == "fsdp":
+        ctx.barrier()  # .tmp-ckpt is clean before any rank writes into it
+        optim_state = {"param_groups": save_sharded_optimizer(model, optimizer, os.path.join(tmp, OPTIMIZER_DIR))}
+    else:
+        optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+    if ctx.is_main:
         with torch.device("meta"):  # an unsharded model around the gathered tensors, to save them
             full = Transformer(model.args)
         full.load_state_dict(weights, assign=True)
@@ -481,24 +535,34 @@ def save_checkpoint(model, optimizer, ctx, step, steps_per_epoch, extra):
         rng = {"torch": torch.get_rng_state()}
         if ctx.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
-        torch.save({"optimizer": optim_state, "step": step, "epoch": epoch, "position": position, "rng": rng},
+        torch.save({**optim_state, "step": step, "epoch": epoch, "position": position, "rng": rng},
                    os.path.join(tmp, "train_state.pt"))
         os.replace(tmp, os.path.join(cfg.out_dir, READY_DIR))
         finish_interrupted_save(cfg.out_dir)
+        if "optimizer" in optim_state:  # an earlier FSDP checkpoint's shards are stale now
+            remove_entry(os.path.join(cfg.out_dir, OPTIMIZER_DIR))
     ctx.barrier()
 
 
 def restore_train_state(model, optimizer, ctx):
-    """Load the optimizer state and RNG of the checkpoint in out_dir; returns its step."""
+    """Load the optimizer state and RNG of the checkpoint in out_dir. Returns its step and the
+    bytes of optimizer tensors this process read (the most any rank read, under torchrun)."""
     out_dir = ctx.cfg.out_dir
     state = torch.load(os.path.join(out_dir, "train_state.pt"), weights_only=True)
     if state["step"] != read_checkpoint_meta(out_dir)["step"]:
         raise UserError(f"the checkpoint files in {out_dir} come from different steps; delete them or pass --overwrite")
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    if "optimizer" in state:  # one file, read whole by every process
+        loaded = state["optimizer"]["state"]
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:  # FSDP's shards
+        loaded = load_sharded_optimizer(model, optimizer, os.path.join(out_dir, OPTIMIZER_DIR), state["param_groups"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and ctx.device.type == "cuda":
         torch.cuda.set_rng_state(state["rng"]["cuda"], ctx.device)
-    return state["step"]
+    loaded_bytes = torch.tensor(local_bytes(loaded), dtype=torch.float64, device=ctx.device)
+    if ctx.world_size > 1:
+        dist.all_reduce(loaded_bytes, op=dist.ReduceOp.MAX)
+    return state["step"], int(loaded_bytes)
 
 
 def check_run_dir(cfg, ctx):
@@ -527,8 +591,7 @@ def start_log(cfg, ctx, step):
     path = os.path.join(cfg.out_dir, "log.jsonl")
     if not cfg.resume:  # reached only with --overwrite or with no checkpoint there
         for name in CKPT_FILES + ("log.jsonl",):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(cfg.out_dir, name))
+            remove_entry(os.path.join(cfg.out_dir, name))
     elif os.path.isfile(path):
         with open(path) as f:
             rows = [line for line in f if json.loads(line)["step"] <= step]
@@ -592,12 +655,13 @@ def train(cfg, loss_fn=None, setup_hook=None):
         ctx.model = model
         if setup_hook is not None:
             setup_hook(ctx)
-        step = restore_train_state(model, optimizer, ctx) if cfg.resume else 0
+        step, optimizer_bytes_read = restore_train_state(model, optimizer, ctx) if cfg.resume else (0, None)
         saved_step = step if cfg.resume else None
         log = start_log(cfg, ctx, step)
         peak, peak_source = peak_flops(ctx)
         write_row(log, {"kind": "start", "step": step, "total_steps": total_steps, "params": model.num_params(),
-                        "world_size": ctx.world_size, "peak_flops": peak, "peak_flops_source": peak_source})
+                        "world_size": ctx.world_size, "peak_flops": peak, "peak_flops_source": peak_source,
+                        "optimizer_bytes_read_per_rank": optimizer_bytes_read})
         if ctx.is_main:
             print(f"{model.num_params() / 1e6:.2f}M parameters on {ctx.world_size} x {ctx.device.type} "
                   f"({ctx.parallel}, {str(ctx.compute_dtype)[6:]}); batch {cfg.batch_size} x {data.seq_len} "

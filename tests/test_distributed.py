@@ -64,12 +64,24 @@ def test_ddp_with_gradient_accumulation_follows_the_one_process_curve(data, refe
 
 
 def test_fsdp_continues_a_one_process_checkpoint_and_one_process_continues_it(data, reference, tmp_path):
+    # One process -> FSDP on 2 ranks -> FSDP again -> one process, on the curve of one whole run.
     run(data, tmp_path, *ARGS, "--stop_after=3")
-    torchrun("train.py", f"--data={data}", f"--out_dir={tmp_path}", *ARGS, "--parallel=fsdp", "--resume",
-             "--stop_after=6", "--activation_checkpointing")
-    assert json.loads((tmp_path / "config.json").read_text())["step"] == 6
+    fsdp = ["--parallel=fsdp", "--resume", "--activation_checkpointing"]
+    torchrun("train.py", f"--data={data}", f"--out_dir={tmp_path}", *ARGS, *fsdp, "--stop_after=5")
+    assert json.loads((tmp_path / "config.json").read_text())["step"] == 5
+    # FSDP saved each rank's shard of the optimizer state, as safetensors: nothing there is pickled.
+    shards = sorted(os.listdir(tmp_path / "optimizer"))
+    assert len(shards) == 2 and all(name.endswith(".safetensors") for name in shards)
+    torchrun("train.py", f"--data={data}", f"--out_dir={tmp_path}", *ARGS, *fsdp, "--stop_after=7")
     run(data, tmp_path, *ARGS, "--resume")
     assert_same_curve(losses(tmp_path), losses(reference), range(1, 9))
+    assert not (tmp_path / "optimizer").exists()  # one process saved the whole state in train_state.pt
+
+    # What each rank read of the optimizer state when it resumed: the whole state from one file
+    # (step 3) or from the two shards into one process (step 7), half of it per rank from shards.
+    read = {row["step"]: row["optimizer_bytes_read_per_rank"] for row in log_rows(tmp_path, "start")}
+    assert read[0] is None and read[3] == read[7] > 0
+    assert 0.45 < read[5] / read[7] < 0.55, read
 
 
 # A distillation-like driver: its own config subclass, a frozen teacher and a KL loss that applies

@@ -717,6 +717,9 @@ def train(cfg, loss_fn=None, setup_hook=None):
                   f"{val['val_loss']:.4f}, perplexity {val['val_ppl']:.2f}; checkpoint in {cfg.out_dir}")
         if log is not None:
             log.close()
+        # DDP's reducer holds the process group. Were it the last to let go, at the return, gloo's
+        # threads would be joined while this thread holds the GIL they may need: a hang at exit.
+        del train_model
         return summary
 
 

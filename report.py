@@ -138,8 +138,8 @@ FIGURES = [
 
 def write_report(s, out):
     lines = ["# Reproduction: memorization in knowledge distillation, at small scale\n\n",
-             f"{s['n_examples']:,} training examples of {s['example_len']} tokens; prefix {s['prefix_len']} tokens "
-             f"(BOS included), suffix {s['suffix_len']}. Wall time of the pipeline: "
+             f"{s['n_examples']:,} training examples of {s['example_len']} tokens; prefix BOS + {s['prefix_len']} "
+             f"tokens, suffix {s['suffix_len']}. Wall time of the pipeline: "
              f"{s['wall_seconds']:.0f} s.\n\n" if s.get("wall_seconds") else "\n",
              "## The family\n\n", headline(s), "\n"]
     lines += ["## The paper's findings, and this run\n\n| finding | paper | this run | same direction |\n|---|---|---|---|\n"]

@@ -633,11 +633,14 @@ def peak_flops(ctx):
 # The training job
 
 
-def train(cfg, loss_fn=None, setup_hook=None):
+def train(cfg, loss_fn=None, setup_hook=None, data_hook=None):
     """Run the job cfg describes; returns a summary dict. loss_fn(model, batch) -> (loss, metrics)
-    replaces cross-entropy for training; setup_hook(ctx) runs once the model is in place."""
+    replaces cross-entropy for training; setup_hook(ctx) runs once the model is in place;
+    data_hook(ctx) runs first and may point cfg.data elsewhere (distill.py's teacher generations)."""
     with processes(cfg) as ctx:
         # ---- data --------------------------------------------------------------------------
+        if data_hook is not None:
+            data_hook(ctx)
         ctx.meta = meta = read_meta(cfg.data)
         data = TrainData(cfg, meta)
         val_rows = validation_rows(cfg, meta, data.seq_len, ctx.world_size)

@@ -32,9 +32,9 @@ def write_preset(tmp_path):
         'val_fraction = 0.2\n')
     (preset / "teacher.toml").write_text(SMALL.replace("dim = 32", "dim = 64") + "epochs = 25\n")
     (preset / "baseline.toml").write_text(SMALL + "epochs = 25\n")
-    (preset / "student.toml").write_text(SMALL + "epochs = 25\ntemperature = 2.0\nprefix_len = 9\n")
+    (preset / "student.toml").write_text(SMALL + "epochs = 25\ntemperature = 2.0\nprefix_len = 8\n")
     (preset / "memorize.toml").write_text(
-        "prefix_len = 9\nsuffix_len = 8\nbatch_size = 32\ngenerate = true\nextract_samples = 16\n"
+        "prefix_len = 8\nsuffix_len = 8\nbatch_size = 32\ngenerate = true\nextract_samples = 16\n"
         "classifier_trials = 5\nclassifier_min_positives = 2\n")
     return preset
 

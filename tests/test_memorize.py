@@ -346,3 +346,15 @@ def test_errors_name_the_fix(world, tmp_path):
     with pytest.raises(UserError, match="layout=examples"):
         mem.main([f"--data={packed}", teacher])
     assert not os.path.exists(tmp_path / "r")  # nothing written by a failed run
+
+
+def test_flags_under_a_callers_bf16_autocast_still_equal_fp32_greedy_decoding():
+    # A training loop may call memorized_flags inside its bf16 autocast. An untrained model has
+    # nearly tied logits, so bf16 rounding would miss some of its own greedy continuations.
+    model = tiny_model(5)
+    prompts = torch.randint(0, 256, (64, 1 + P), generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([prompts, model.generate(prompts, S)], 1).numpy()  # greedy, in fp32
+    rows[32:, -1] = (rows[32:, -1] + 1) % 512  # the last suffix token wrong: not memorized
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        flags = mem.memorized_flags(model, rows, P, S, batch_size=16)
+    assert flags.tolist() == [True] * 32 + [False] * 32

@@ -33,7 +33,7 @@ from config import UserError, parse_config, run_main, setting
 from memorize import gather, prompt_len, shard_range
 from model import Transformer, read_checkpoint_meta
 from prepare import open_split, read_meta, write_dataset
-from train import TrainConfig, pick_device, prepare_frozen_model, train, unwrap
+from train import TrainConfig, check_run_dir, pick_device, prepare_frozen_model, train, unwrap
 
 
 @dataclass
@@ -283,6 +283,7 @@ def distill(cfg):
     if cfg.kind == "hard":  # plain cross-entropy on the teacher's generations, made once processes are up
 
         def use_generations(ctx):
+            check_run_dir(cfg, ctx)  # refuse an out_dir in use before generating, not after
             cfg.data = teacher_generations(cfg, data_meta, ctx)
 
         return train(cfg, data_hook=use_generations)

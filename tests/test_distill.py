@@ -290,3 +290,10 @@ def test_memorization_and_hard_distillation_split_an_example_at_the_same_place(t
     reproduced = (open_split(tmp_path / "hard" / "teacher_data", "train") == rows).all(1)
     memorized = memorized_flags(model, rows, P, L - 1 - P)
     assert reproduced.tolist() == memorized.tolist() == [True] * 8 + [False] * 8
+
+
+def test_an_out_dir_in_use_is_refused_before_the_teacher_generates(teacher, one_process_hard, monkeypatch):
+    data, t = teacher
+    monkeypatch.setattr(distill, "load_teacher", lambda cfg, device: pytest.fail("the teacher was loaded"))
+    with pytest.raises(UserError, match="already holds a checkpoint"):
+        distill.main(tiny_run(data, one_process_hard, teacher=t, **{**HARD, "prefix_len": 4}))

@@ -184,6 +184,11 @@ def processes(cfg):
     # then stops the others), where a barrier would wait for ranks stuck in a collective with it.
     if dist.is_initialized():
         dist.barrier()  # FSDP on gloo aborts at exit unless every rank gets here first
+        if dist.get_backend() == "gloo":
+            # gloo's worker threads need the GIL to free the last collectives' tensors, and FSDP's
+            # device mesh keeps them running until the interpreter exits: one that only gets the
+            # GIL then aborts the process ("terminate called"). A pause lets them finish first.
+            time.sleep(0.2)
         dist.destroy_process_group()
 
 

@@ -54,7 +54,7 @@ class BenchConfig:
     warmup: int = setting(2, "untimed runs before them", at_least(0))
     prompt_len: int = setting(32, "generation: prompt tokens", positive)
     new_tokens: int = setting(96, "generation: new tokens per row", positive)
-    prefix_len: int = setting(50, "memorization: P, the prompt", positive)
+    prefix_len: int = setting(50, "memorization: P, prompt tokens after BOS (memorize.prompt_len)", positive)
     suffix_len: int = setting(50, "memorization: S, the suffix that must come out exactly", positive)
     mem_examples: int = setting(64, "memorization: examples per timed run (half of them memorized by construction)",
                                 at_least(2))
@@ -115,7 +115,7 @@ def model_args(cfg):
     shape = dict(CONFIGS[cfg.model])
     shape.setdefault("vocab_size", 8192)
     shape["max_seq_len"] = max(shape.get("max_seq_len", 0), cfg.seq_len, cfg.prompt_len + cfg.new_tokens,
-                               cfg.prefix_len + cfg.suffix_len)
+                               memorize.prompt_len(cfg.prefix_len) + cfg.suffix_len)
     return ModelArgs(**shape)
 
 
@@ -252,10 +252,10 @@ def bench_generation(cfg, args, device, model, hf):
 
 
 @torch.no_grad()
-def generated_flags(generate, rows, prefix_len, suffix_len, batch_size):
+def generated_flags(generate, rows, prompt, suffix_len, batch_size):
     """Discoverable memorization the usual way: per batch, generate(prompts, S) decodes S tokens
-    greedily, which are compared with the true suffix."""
-    flags = [(generate(batch[:, :prefix_len], suffix_len) == batch[:, prefix_len:prefix_len + suffix_len]).all(1)
+    greedily from the first `prompt` tokens, which are compared with the true suffix."""
+    flags = [(generate(batch[:, :prompt], suffix_len) == batch[:, prompt:prompt + suffix_len]).all(1)
              for batch in rows.split(batch_size)]
     return torch.cat(flags).cpu().numpy()
 
@@ -269,14 +269,15 @@ def hf_generate(hf, prompt, new_tokens):
 def bench_memorization(cfg, args, device, model, hf):
     P, S, N, bs = cfg.prefix_len, cfg.suffix_len, cfg.mem_examples, cfg.mem_batch_size
     section(f"discoverable memorization: {N} examples of P = {P} + S = {S} tokens, batches of {bs}, fp32")
-    rows = torch.randint(0, args.vocab_size, (N, P + S), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    rows[:N // 2, P:] = model.generate(rows[:N // 2, :P], S)  # the model's own continuation: memorized
+    prompt = memorize.prompt_len(P)  # the first token stands for BOS
+    rows = torch.randint(0, args.vocab_size, (N, prompt + S), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    rows[:N // 2, prompt:] = model.generate(rows[:N // 2, :prompt], S)  # the model's own continuation: memorized
     rows_np = rows.cpu().numpy()
     fns = {"ours, teacher-forced (memorized_flags)": lambda: memorize.memorized_flags(model, rows_np, P, S, bs),
-           "ours, generate per batch": lambda: generated_flags(model.generate, rows, P, S, bs)}
+           "ours, generate per batch": lambda: generated_flags(model.generate, rows, prompt, S, bs)}
     if hf is not None:
         fns["transformers generate per batch"] = lambda: generated_flags(
-            lambda prompt, n: hf_generate(hf, prompt, n), rows, P, S, bs)
+            lambda tokens, n: hf_generate(hf, tokens, n), rows, prompt, S, bs)
     rates = {name: show(name, [N / s for s in t], "examples/s") for name, t in time_in_turn(fns, cfg, device).items()}
     expected = np.arange(N) < N // 2
     for name, fn in fns.items():

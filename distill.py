@@ -10,8 +10,9 @@ Knowledge distillation into a student, on train.py's training loop.
 - The logged `kl` is the true divergence (teacher entropy included), not a cross-entropy that
   differs from it by a constant.
 - hard (sequence-level, Kim & Rush 2016): the teacher greedily continues each training example
-  from its first P tokens to the example's full length; the student trains on these generations
-  with cross-entropy. The generations are a dataset folder in prepare.py's format, reused on rerun.
+  from BOS and its first P tokens (memorize.py's prompt) to the example's full length; the student
+  trains on these generations with cross-entropy. The generations are a dataset folder in
+  prepare.py's format, reused on rerun; under torchrun every rank generates a share of them.
 - Everything else (schedule, epochs, resume, DDP / FSDP2, logging, checkpoints) is train.py's.
 
     python distill.py --teacher=out/teacher --data=data/mem --out_dir=out/student --model=small
@@ -21,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +30,10 @@ import torch.nn.functional as F
 
 from config import (UserError, above, between, check_output_folder, one_of, parse_config, positive, progress_bar,
                     run_main, setting)
+from memorize import gather, prompt_len, shard_range
 from model import Transformer, read_checkpoint_meta
 from prepare import distinct_examples, open_split, read_meta, write_dataset
-from train import ChunkedOutputLoss, TrainConfig, pick_device, prepare_frozen_model, train, unwrap
+from train import ChunkedOutputLoss, TrainConfig, check_run_dir, pick_device, prepare_frozen_model, train, unwrap
 
 
 @dataclass
@@ -51,7 +52,8 @@ class DistillConfig(TrainConfig):
     # step paid ~15% for faulting them back in (bench.py, chunks of 1024 x 8192).
     kd_chunk: int = setting(512, "soft: tokens per chunk of the divergence (bounds its memory)", positive)
     slice_vocab: bool = setting(False, "accept a teacher whose vocabulary is larger (padded) and use the shared ids")
-    prefix_len: int = setting(50, "hard: the teacher continues each example from this many tokens", positive)
+    prefix_len: int = setting(50, "hard: the teacher continues each example from BOS and its first prefix_len "
+                                   "tokens (memorize.py's P)", positive)
     hard_data: str = setting("", "hard: folder for the teacher's generations (default: <out_dir>/teacher_data)")
     gen_batch_size: int = setting(64, "hard: examples per generation batch", positive)
 
@@ -178,29 +180,63 @@ def load_teacher(cfg, device):
 # Hard distillation: the teacher's generations as a dataset
 
 
+def generation_share(n, batch_size, rank, world):
+    """The rows [lo, hi) that rank generates: whole batches of one process's batching, so that every
+    row is decoded in the same batch as in one process and the dataset comes out byte-identical."""
+    lo, hi = shard_range(-(-n // batch_size), rank, world)
+    return lo * batch_size, min(hi * batch_size, n)
+
+
 @torch.no_grad()
-def generate_dataset(teacher, data_dir, out_dir, prefix_len, batch_size, device):
-    """Greedy continuations of every training example from its first prefix_len tokens to its
-    full length, written as a dataset folder with the same tokenizer; the validation split is kept.
-    Deterministic: greedy decoding in fp32."""
-    meta = read_meta(data_dir)
-    if meta["layout"] != "examples":
-        raise UserError("hard distillation needs fixed-length examples; prepare the data with --layout=examples")
-    rows = open_split(data_dir, "train")
-    length = rows.shape[1]
-    if not 0 < prefix_len < length:
-        raise UserError(f"--prefix_len={prefix_len} must be between 1 and the example length {length - 1}")
+def greedy_continuations(teacher, rows, prompt, batch_size, device, progress=True):
+    """Each row's first `prompt` tokens, then the teacher's greedy continuation to the row's full
+    length: (N, L) like rows. Deterministic: greedy decoding in fp32."""
     teacher = teacher.to(device).float().eval()
+    out = np.empty(rows.shape, dtype=rows.dtype)
+    for s in progress_bar(range(0, len(rows), batch_size), desc="teacher generations", unit="batch",
+                          disable=not progress):
+        prompts = torch.from_numpy(rows[s:s + batch_size, :prompt].astype(np.int64)).to(device)
+        new = teacher.generate(prompts, rows.shape[1] - prompt)
+        out[s:s + batch_size] = torch.cat([prompts, new], dim=1).cpu().numpy()
+    return out
+
+
+def teacher_generations(cfg, data_meta, ctx):
+    """The hard-distillation dataset folder: made once, then reused while teacher, data and prompt
+    stay the same (without loading the teacher at all). Under torchrun every rank generates a
+    contiguous share of the examples and rank 0 writes them all; the teacher is freed after."""
+    path = cfg.hard_data or os.path.join(cfg.out_dir, "teacher_data")
+    prompt = prompt_len(cfg.prefix_len)
+    stamp = {"teacher": weights_digest(cfg.teacher), "data_tokenizer": data_meta["tokenizer_sha256"],
+             "data_splits": data_meta["splits"], "prompt_tokens": prompt}
+    stamp_file = os.path.join(path, "teacher_stamp.json")
+    if os.path.isfile(stamp_file) and json.load(open(stamp_file)) == stamp:
+        return path
+    if data_meta["layout"] != "examples":
+        raise UserError("hard distillation needs fixed-length examples; prepare the data with --layout=examples")
+    rows = open_split(cfg.data, "train")
+    if not (cfg.prefix_len > 0 and prompt < rows.shape[1]):
+        raise UserError(f"--prefix_len={cfg.prefix_len} must be between 1 and {rows.shape[1] - 2}, as the "
+                        f"examples hold BOS and {rows.shape[1] - 1} tokens")
     first, _, group = distinct_examples(rows)  # a repeated example is continued once, then copied
-    out = np.empty((len(first), length), dtype=rows.dtype)
-    for s in progress_bar(range(0, len(first), batch_size), desc="teacher generations", unit="batch"):
-        prompt = torch.from_numpy(rows[first[s:s + batch_size], :prefix_len].astype(np.int64)).to(device)
-        new = teacher.generate(prompt, length - prefix_len)
-        out[s:s + batch_size] = torch.cat([prompt, new], dim=1).cpu().numpy()
-    splits = {"train": out[group], "val": np.array(open_split(data_dir, "val"))}
-    write_dataset(out_dir, os.path.join(data_dir, "tokenizer.model"), splits, "examples",
-                  {"source": f"the teacher's greedy continuations of {prefix_len}-token prefixes of "
-                             f"{os.path.abspath(data_dir)}", "hard_distillation": {"prefix_len": prefix_len}})
+    lo, hi = generation_share(len(first), cfg.gen_batch_size, ctx.rank, ctx.world_size)
+    share = greedy_continuations(load_teacher(cfg, ctx.device), rows[first[lo:hi]], prompt, cfg.gen_batch_size,
+                                 ctx.device, progress=ctx.is_main)
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()  # the teacher is gone: return its memory before the student comes
+    shares = gather(share, ctx.world_size)
+    if ctx.is_main:
+        splits = {"train": np.concatenate(shares)[group], "val": np.array(open_split(cfg.data, "val"))}
+        write_dataset(path, os.path.join(cfg.data, "tokenizer.model"), splits, "examples",
+                      {"source": f"the teacher's greedy continuations of BOS + {cfg.prefix_len}-token prefixes of "
+                                 f"{os.path.abspath(cfg.data)}",
+                       "hard_distillation": {"prefix_len": cfg.prefix_len, "ranks": ctx.world_size}})
+        tmp = stamp_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(stamp, f)
+        os.replace(tmp, stamp_file)
+    ctx.barrier()  # the other ranks train on the folder rank 0 has just written
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,41 +247,19 @@ def distill(cfg):
     check_config(cfg)
     data_meta = read_meta(cfg.data)
     check_teacher_fits(cfg.teacher, data_meta, cfg.slice_vocab)
-    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-    teacher = load_teacher(cfg, device)
-    if cfg.kind == "hard":
+    if cfg.kind == "hard":  # plain cross-entropy on the teacher's generations, made once processes are up
         cfg.mem_data = cfg.mem_data or cfg.data  # memorization is of D, not of the teacher's generations
-        cfg.data = teacher_generations(teacher, cfg, data_meta, device)
-        return train(cfg)  # plain cross-entropy on the teacher's generations
+
+        def use_generations(ctx):
+            check_run_dir(cfg, ctx)  # refuse an out_dir in use before generating, not after
+            cfg.data = teacher_generations(cfg, data_meta, ctx)
+
+        return train(cfg, data_hook=use_generations)
+    teacher = load_teacher(cfg, pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0))))
     # prepare_frozen_model places the teacher in place (device, FSDP sharding) once train.py has
     # set up the student, so the loss can hold the teacher object from the start.
     return train(cfg, loss_fn=make_soft_loss(teacher, cfg),
                  setup_hook=lambda ctx: prepare_frozen_model(teacher, ctx))
-
-
-def teacher_generations(teacher, cfg, data_meta, device):
-    """The hard-distillation dataset folder: made once, reused while teacher, data and prefix stay
-    the same. Under torchrun, rank 0 generates and the other ranks wait for it."""
-    path = cfg.hard_data or os.path.join(cfg.out_dir, "teacher_data")
-    stamp = {"teacher": weights_digest(cfg.teacher), "data_tokenizer": data_meta["tokenizer_sha256"],
-             "data_splits": data_meta["splits"], "prefix_len": cfg.prefix_len}
-    stamp_file = os.path.join(path, "teacher_stamp.json")
-
-    def current():
-        return os.path.isfile(stamp_file) and json.load(open(stamp_file)) == stamp
-
-    if int(os.environ.get("RANK", 0)) == 0:
-        if not current():
-            generate_dataset(teacher, cfg.data, path, cfg.prefix_len, cfg.gen_batch_size, device)
-            tmp = stamp_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(stamp, f)
-            os.replace(tmp, stamp_file)
-    else:
-        deadline = time.time() + 24 * 3600
-        while not current() and time.time() < deadline:
-            time.sleep(2)
-    return path
 
 
 def weights_digest(path):

@@ -1,8 +1,8 @@
 """
 Measuring memorization in one model or a family of models (Borkar et al. 2026, arXiv 2601.15394).
 
-- Discoverable memorization: prompt with an example's first P tokens (BOS included), greedy-decode S
-  tokens, compare with the true next S (paper: P = S = 50). The exact-match flag and the first
+- Discoverable memorization: prompt with BOS and an example's first P tokens, greedy-decode S
+  tokens, compare with the true next S (paper: P = S = 50; `prompt_len`). The exact-match flag and the first
   mismatch come from one teacher-forced forward pass: greedy decoding reproduces the suffix if and
   only if the argmax is the true token at every suffix position. `--generate` also decodes with the
   KV cache for Pythia's per-token match score (Biderman et al. 2023), which needs real generation.
@@ -38,7 +38,7 @@ from config import (UserError, at_least, between, check_output_folder, config_di
 from model import Transformer, checkpoint_format, read_checkpoint_meta
 from prepare import distinct_examples, open_split, read_meta, write_dataset
 from tokenizer import Tokenizer
-from train import DEVICES, pick_device
+from train import DEVICES, exit_with_launcher, pick_device
 
 # Logits are computed for at most this many (row, position, vocabulary) entries at a time.
 CHUNK_ELEMENTS = 1 << 23
@@ -51,7 +51,7 @@ class MemorizeConfig:
     models: str = setting("", "comma-separated name:path; names teacher, baseline*, student_* carry roles")
     out: str = setting("out/memorize", "report folder")
     split: str = setting("train", "which split's examples to test")
-    prefix_len: int = setting(50, "P, prompt tokens (BOS included)", positive)
+    prefix_len: int = setting(50, "P, prompt tokens after BOS (the paper's P = 50: BOS + 50 tokens)", positive)
     suffix_len: int = setting(50, "S, tokens to reproduce", positive)
     max_examples: int | None = setting(None, "test only the first N examples", positive)
     batch_size: int = setting(32, "examples per forward pass (memory: models x B x L x dim)", positive)
@@ -109,6 +109,13 @@ def family_roles(names):
 # Per-example measurements on one batch
 
 
+def prompt_len(prefix_len):
+    """Tokens of an example that prompt the model: BOS and the first prefix_len text tokens. The
+    paper's P counts text tokens (Pythia has no BOS), so P = 50 prompts with 51 tokens here. One
+    rule for memorization and for hard distillation's prompts (distill.py)."""
+    return 1 + prefix_len
+
+
 def first_false(ok):
     """Index of the first False in each row of ok (B, S), or S where the row is all True."""
     return torch.where(ok.all(1), ok.shape[1], (~ok).int().argmax(1))
@@ -150,7 +157,8 @@ def example_features(models, batch, prefix_len, suffix_len, min_k_percent=20.0, 
     kl_teacher_<b>: KL(teacher || b) = sum_v p_teacher log(p_teacher / p_b), mean over positions."""
     B, L = batch.shape
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    suffix = slice(prefix_len - 1, prefix_len - 1 + suffix_len)  # targets[:, t] is row[t + 1]
+    start = prompt_len(prefix_len)  # the suffix's first token
+    suffix = slice(start - 1, start - 1 + suffix_len)  # targets[:, t] is row[t + 1]
     order = sorted(models, key=lambda n: n != teacher)  # teacher first: the baselines' KL needs it
     hidden = {n: models[n](inputs, return_hidden=True) for n in order}  # (B, L-1, dim) each
     logp = {n: torch.empty(B, L - 1, device=batch.device) for n in order}
@@ -231,7 +239,7 @@ def measure_examples(models, rows, prefix_len, suffix_len, batch_size=32, genera
     generator = torch.Generator(device=device).manual_seed(seed + rank)
     index = np.arange(len(rows)) if index is None else np.asarray(index)
     lo, hi = shard_range(len(index), rank, world)
-    out = {}
+    prompt, out = prompt_len(prefix_len), {}
     for i in progress_bar(range(lo, hi, batch_size), desc="memorization", unit="batch",
                           disable=not progress or rank != 0):
         j = min(i + batch_size, hi)
@@ -241,7 +249,7 @@ def measure_examples(models, rows, prefix_len, suffix_len, batch_size=32, genera
         if tokenizer is not None:
             cols["zlib_entropy"] = zlib_entropy(tokenizer, rows_np)
         cols.update(example_features(models, batch, prefix_len, suffix_len, min_k_percent, teacher, baselines))
-        prompts, truth = batch[:, :prefix_len], batch[:, prefix_len:prefix_len + suffix_len]
+        prompts, truth = batch[:, :prompt], batch[:, prompt:prompt + suffix_len]
         for n, m in models.items():
             cols[f"{n}.match_count"] = cols[f"{n}.match_fraction"] = np.full(j - i, np.nan)  # null unless generated
             if generate:  # Pythia's score: greedy decoding with the KV cache
@@ -264,17 +272,22 @@ def measure_examples(models, rows, prefix_len, suffix_len, batch_size=32, genera
 def memorized_flags(model, rows, prefix_len, suffix_len, batch_size=32):
     """The exact-match flag of every row, bool (N,): for training loops that track memorization.
     The same flag as measure_examples' with only the work it needs: one forward pass over the first
-    P + S - 1 tokens, and the output layer at the S positions that predict the suffix."""
-    device = model.tok_embeddings.weight.device
+    P + S - 1 tokens, and the output layer at the S positions that predict the suffix.
+
+    Computed in fp32 whatever autocast the caller runs under: only then is the flag greedy decoding's
+    (under bf16 autocast, 22 of 256 rows that were a model's own greedy continuation came out "not
+    memorized"). A model whose weights are bf16 stays bf16."""
+    device, prompt = model.tok_embeddings.weight.device, prompt_len(prefix_len)
     flags = np.empty(len(rows), dtype=bool)
-    for i in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(np.asarray(rows[i:i + batch_size, :prefix_len + suffix_len], dtype=np.int64)).to(device)
-        hidden = model(batch[:, :-1], return_hidden=True)[:, prefix_len - 1:]  # (B, S, dim)
-        suffix = batch[:, prefix_len:]
-        correct = torch.empty(suffix.shape, dtype=torch.bool, device=device)
-        for s in position_chunks(*suffix.shape, model.args.vocab_size):
-            correct[:, s] = model.output(hidden[:, s]).argmax(-1) == suffix[:, s]
-        flags[i:i + batch_size] = correct.all(1).cpu().numpy()
+    with torch.autocast(device.type, enabled=False):
+        for i in range(0, len(rows), batch_size):
+            batch = torch.from_numpy(np.asarray(rows[i:i + batch_size, :prompt + suffix_len], dtype=np.int64)).to(device)
+            hidden = model(batch[:, :-1], return_hidden=True)[:, prompt - 1:]  # (B, S, dim)
+            suffix = batch[:, prompt:]
+            correct = torch.empty(suffix.shape, dtype=torch.bool, device=device)
+            for s in position_chunks(*suffix.shape, model.args.vocab_size):
+                correct[:, s] = model.output(hidden[:, s]).argmax(-1) == suffix[:, s]
+            flags[i:i + batch_size] = correct.all(1).cpu().numpy()
     return flags
 
 
@@ -490,9 +503,9 @@ def check_config(cfg, meta):
     if meta.get("layout") != "examples":
         raise UserError(f"{cfg.data} has layout {meta.get('layout')!r}; prepare it with --layout=examples")
     L = meta["example_len"]
-    if cfg.prefix_len + cfg.suffix_len > L:
-        raise UserError(f"prefix_len + suffix_len = {cfg.prefix_len + cfg.suffix_len} exceeds the {L}-token examples "
-                        f"of {cfg.data}; lower them or prepare examples of at least that length")
+    if prompt_len(cfg.prefix_len) + cfg.suffix_len > L:
+        raise UserError(f"BOS + prefix_len + suffix_len = {prompt_len(cfg.prefix_len) + cfg.suffix_len} exceeds the "
+                        f"{L}-token examples of {cfg.data}; lower them or prepare examples of at least that length")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,7 +555,7 @@ def md_table(header, rows):
 def write_report(s, path):
     """report.md: the summary's numbers as tables, then the figures."""
     out = [f"# Memorization report\n\n{s['n_examples']:,} examples of `{s['data']}` ({s['split']} split), "
-           f"{s['example_len']} tokens each; prefix {s['prefix_len']} tokens (BOS included), suffix {s['suffix_len']}.\n\n"
+           f"{s['example_len']} tokens each; prefix BOS + {s['prefix_len']} tokens, suffix {s['suffix_len']}.\n\n"
            "## Models\n\n",
            md_table(["model", "role", "params", "val ppl", "memorized", "rate", "mean log-ppl", "suffix entropy"],
                     [[n, m["role"], m["params"], m["val_ppl"], m["memorized"], m["memorization_rate"],
@@ -673,6 +686,7 @@ def run(cfg, models=None):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        exit_with_launcher()
     try:
         paths = parse_models(cfg.models) if models is None else {n: "(in memory)" for n in models}
         check_names(cfg, list(paths))

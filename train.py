@@ -25,13 +25,17 @@ import json
 import math
 import os
 import shutil
+import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
@@ -64,7 +68,7 @@ class TrainConfig:
     seq_len: int = setting(256, "tokens per training window of packed data (examples keep their length)", positive)
     # batch and length of the run
     batch_size: int = setting(16, "global batch in sequences, over all processes", positive)
-    micro_batch_size: Optional[int] = setting(None, "sequences per device per forward (default: the process's share)",
+    micro_batch_size: Optional[int] = setting(None, "sequences per device per forward (default and cap: the process's share)",
                                               positive)
     epochs: int = setting(1, "passes over the training data, unless max_steps or tokens is set", positive)
     max_steps: Optional[int] = setting(None, "optimizer steps of the whole run", positive)
@@ -97,7 +101,7 @@ class TrainConfig:
     mem_every: float = setting(0.0, "every this many epochs, and at the start, log which examples of --mem_data "
                                     "the model reproduces exactly from their prefix (0: off)", at_least(0))
     mem_data: str = setting("", "the examples whose memorization is tracked (default: --data)")
-    mem_prefix_len: int = setting(33, "tracked memorization: prompt tokens, BOS included", positive)
+    mem_prefix_len: int = setting(32, "tracked memorization: P, prompt tokens after BOS (memorize.py's rule)", positive)
     mem_suffix_len: int = setting(32, "tracked memorization: tokens to reproduce", positive)
 
 
@@ -191,12 +195,33 @@ def processes(cfg):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         ctx.rank, ctx.world_size = dist.get_rank(), dist.get_world_size()
-    try:
-        yield ctx
-    finally:
-        if dist.is_initialized():
-            dist.barrier()  # FSDP on gloo aborts at exit unless every rank gets here first
-            dist.destroy_process_group()
+        exit_with_launcher()
+    yield ctx
+    # Only a rank that succeeded gets here: one that raised leaves at once with its error (torchrun
+    # then stops the others), where a barrier would wait for ranks stuck in a collective with it.
+    if dist.is_initialized():
+        dist.barrier()  # FSDP on gloo aborts at exit unless every rank gets here first
+        if dist.get_backend() == "gloo":
+            # gloo's worker threads need the GIL to free the last collectives' tensors, and FSDP's
+            # device mesh keeps them running until the interpreter exits: one that only gets the
+            # GIL then aborts the process ("terminate called"). A pause lets them finish first.
+            time.sleep(0.2)
+        dist.destroy_process_group()
+
+
+def exit_with_launcher():
+    """End this worker when its launcher dies. torchrun starts each worker in a session of its own,
+    so a `kill -9` of torchrun would leave the workers running (holding GPU memory) for good."""
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:  # an orphan is adopted by another process
+            time.sleep(1)
+        print(f"error: the launcher (process {launcher}) died; rank {os.environ.get('RANK')} stops too",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit_with_launcher", daemon=True).start()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,6 +286,18 @@ def validation_rows(cfg, meta, seq_len, world_size):
     if len(rows) == 0:
         raise UserError(f"the validation split of {cfg.data} holds fewer sequences than processes; prepare more data")
     return np.array(rows, dtype=np.int64)
+
+
+def batch_plan(batch_size, micro_batch_size, world_size):
+    """How a step's global batch splits: (sequences per process, micro-batch size, micro-batches per
+    step). The micro-batch is capped at a process's share, so a preset written for few processes
+    also runs on many (configs/gpu: 128 sequences in micro-batches of 64 become 16 on 8 GPUs)."""
+    per_rank = batch_size // world_size
+    micro = min(micro_batch_size or per_rank, per_rank)
+    if batch_size % world_size or per_rank < 1 or micro < 1 or per_rank % micro:
+        raise UserError(f"--batch_size={batch_size} must divide into {world_size} process(es) "
+                        f"x micro-batches of --micro_batch_size={micro_batch_size or per_rank}")
+    return per_rank, micro, per_rank // micro
 
 
 def micro_batches(rows, ctx, micro_batch_size):
@@ -378,8 +415,8 @@ def unwrap(model):
 
 
 class MemorizationTracker:
-    """Which examples of cfg.mem_data the model reproduces exactly (greedy decoding from the first
-    mem_prefix_len tokens gives the next mem_suffix_len), measured in fp32 at the start and every
+    """Which examples of cfg.mem_data the model reproduces exactly (greedy decoding from BOS and the
+    first mem_prefix_len tokens gives the next mem_suffix_len), measured in fp32 at the start and every
     cfg.mem_every epochs: when each example is learned by heart. Each distinct example is tested
     once (planted repeats are one example). The examples are split over ranks in equal shares, so
     that every rank runs as many forwards (FSDP's forward is collective)."""
@@ -390,8 +427,8 @@ class MemorizationTracker:
         if meta["layout"] != "examples" or meta["tokenizer_sha256"] != ctx.meta["tokenizer_sha256"]:
             raise UserError(f"--mem_data={path} must hold examples (layout examples) made with the training "
                             "data's tokenizer; prepare it so or drop --mem_every")
-        if min(cfg.mem_prefix_len, cfg.mem_suffix_len) < 1 or cfg.mem_prefix_len + cfg.mem_suffix_len > meta["example_len"]:
-            raise UserError(f"--mem_prefix_len + --mem_suffix_len must fit the {meta['example_len']}-token examples "
+        if 1 + cfg.mem_prefix_len + cfg.mem_suffix_len > meta["example_len"]:
+            raise UserError(f"BOS + --mem_prefix_len + --mem_suffix_len must fit the {meta['example_len']}-token examples "
                             f"of {path}; lower them")
         self.cfg, self.ctx, self.data = cfg, ctx, data
         self.rows = open_split(path, "train")
@@ -412,8 +449,7 @@ class MemorizationTracker:
         share = math.ceil(n / ctx.world_size)
         mine = self.index[np.minimum(np.arange(ctx.rank * share, (ctx.rank + 1) * share), n - 1)]
         model.eval()
-        with torch.autocast(ctx.device.type, enabled=False):  # the flag is exact only in fp32
-            flags = memorized_flags(model, self.rows[mine], self.cfg.mem_prefix_len, self.cfg.mem_suffix_len)
+        flags = memorized_flags(model, self.rows[mine], self.cfg.mem_prefix_len, self.cfg.mem_suffix_len)  # in fp32
         model.train()
         flags = torch.from_numpy(flags.astype(np.uint8))
         if ctx.world_size > 1:
@@ -572,9 +608,23 @@ def evaluate(model, rows, ctx, micro_batch_size, loss_fn=None):
 # atomic rename), then moved one by one into the run folder. A run killed while writing leaves
 # .tmp-ckpt/, discarded at the next start; one killed while moving leaves .ckpt-ready/, whose
 # remaining files the next start moves in. So a resume only ever reads a complete checkpoint.
+#
+# The weights are always gathered into one model.safetensors. The optimizer state (twice the
+# weights in fp32) goes into train_state.pt from one process or DDP; under FSDP each rank writes
+# only its shard, into optimizer/ (torch.distributed.checkpoint), and reads back only what it
+# holds, so no rank ever holds the whole state. Either kind resumes on any number of processes.
 
-CKPT_FILES = ("model.safetensors", "config.json", "tokenizer.model", "train_state.pt")
+OPTIMIZER_DIR = "optimizer"
+CKPT_FILES = ("model.safetensors", "config.json", "tokenizer.model", "train_state.pt", OPTIMIZER_DIR)
 TMP_DIR, READY_DIR = ".tmp-ckpt", ".ckpt-ready"
+
+
+def remove_entry(path):
+    """Delete a file or a folder (optimizer/) if it is there."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def finish_interrupted_save(out_dir):
@@ -583,18 +633,56 @@ def finish_interrupted_save(out_dir):
     if os.path.isdir(ready):
         for name in CKPT_FILES:
             if os.path.exists(os.path.join(ready, name)):  # the ones already moved are gone
+                if os.path.isdir(os.path.join(ready, name)):  # a folder cannot replace a full one
+                    remove_entry(os.path.join(out_dir, name))
                 os.replace(os.path.join(ready, name), os.path.join(out_dir, name))
         shutil.rmtree(ready)
 
 
+def save_sharded_optimizer(model, optimizer, path):
+    """Every FSDP rank writes its shard of the optimizer's tensors as safetensors, with the offsets
+    of its slices in the file's JSON header (torch.distributed.checkpoint's Hugging Face format:
+    nothing in it is pickled, unlike DCP's default .metadata file). Returns the param groups
+    (learning rate, betas, ...), which go into train_state.pt."""
+    state = get_optimizer_state_dict(model, optimizer)  # DTensors: this rank's shards
+    dcp.save({"state": state["state"]}, storage_writer=dcp.HuggingFaceStorageWriter(path, save_distributed=True))
+    return state["param_groups"]
+
+
+def load_sharded_optimizer(model, optimizer, path, param_groups):
+    """Read the slices of the saved optimizer state that this rank holds now (any number of ranks,
+    or one process), straight into the optimizer. Returns the tensors read."""
+    state = get_optimizer_state_dict(model, optimizer)  # allocated for the current sharding
+    with warnings.catch_warnings():  # one process reading every shard is meant, not a mistake
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load({"state": state["state"]}, storage_reader=dcp.HuggingFaceStorageReader(path))
+    set_optimizer_state_dict(model, optimizer, {"state": state["state"], "param_groups": param_groups})
+    return state["state"]
+
+
+def local_bytes(state):
+    """Bytes of the tensors in a nested dict that this process holds (a DTensor: its own shard)."""
+    if isinstance(state, dict):
+        return sum(local_bytes(v) for v in state.values())
+    if isinstance(state, DTensor):
+        return state.to_local().nbytes
+    return state.nbytes if isinstance(state, torch.Tensor) else 0
+
+
 def save_checkpoint(model, optimizer, ctx, step, epoch, extra):
-    """Gather the full model and optimizer state (a collective under FSDP); rank 0 writes it."""
+    """Gather the full model (a collective under FSDP); rank 0 writes it with the optimizer state,
+    or under FSDP every rank writes its shard of the optimizer state."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    cfg, tmp = ctx.cfg, os.path.join(ctx.cfg.out_dir, TMP_DIR)
     if ctx.is_main:
-        cfg, tmp = ctx.cfg, os.path.join(ctx.cfg.out_dir, TMP_DIR)
         shutil.rmtree(tmp, ignore_errors=True)
+    if ctx.parallel == "fsdp":
+        ctx.barrier()  # .tmp-ckpt is clean before any rank writes into it
+        optim_state = {"param_groups": save_sharded_optimizer(model, optimizer, os.path.join(tmp, OPTIMIZER_DIR))}
+    else:
+        optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+    if ctx.is_main:
         with torch.device("meta"):  # an unsharded model around the gathered tensors, to save them
             full = Transformer(model.args)
         full.load_state_dict(weights, assign=True)
@@ -604,15 +692,18 @@ def save_checkpoint(model, optimizer, ctx, step, epoch, extra):
         rng = {"torch": torch.get_rng_state()}
         if ctx.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
-        torch.save({"optimizer": optim_state, "step": step, "epoch": epoch, "rng": rng},
+        torch.save({**optim_state, "step": step, "epoch": epoch, "rng": rng},
                    os.path.join(tmp, "train_state.pt"))
         os.replace(tmp, os.path.join(cfg.out_dir, READY_DIR))
         finish_interrupted_save(cfg.out_dir)
+        if "optimizer" in optim_state:  # an earlier FSDP checkpoint's shards are stale now
+            remove_entry(os.path.join(cfg.out_dir, OPTIMIZER_DIR))
     ctx.barrier()
 
 
 def restore_train_state(model, optimizer, ctx):
-    """Load the optimizer state and RNG of the checkpoint in out_dir; returns its step."""
+    """Load the optimizer state and RNG of the checkpoint in out_dir. Returns its step and the
+    bytes of optimizer tensors this process read (the most any rank read, under torchrun)."""
     out_dir = ctx.cfg.out_dir
     path = os.path.join(out_dir, "train_state.pt")
     state = load_tensor_file(path)
@@ -620,11 +711,18 @@ def restore_train_state(model, optimizer, ctx):
         raise UserError(f"{path} is not a training state written by train.py; pass --overwrite to start afresh")
     if state["step"] != read_checkpoint_meta(out_dir).get("step"):
         raise UserError(f"the checkpoint files in {out_dir} come from different steps; delete them or pass --overwrite")
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    if "optimizer" in state:  # one file, read whole by every process
+        loaded = state["optimizer"]["state"]
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:  # FSDP's shards
+        loaded = load_sharded_optimizer(model, optimizer, os.path.join(out_dir, OPTIMIZER_DIR), state["param_groups"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and ctx.device.type == "cuda":
         torch.cuda.set_rng_state(state["rng"]["cuda"], ctx.device)
-    return state["step"]
+    loaded_bytes = torch.tensor(local_bytes(loaded), dtype=torch.float64, device=ctx.device)
+    if ctx.world_size > 1:
+        dist.all_reduce(loaded_bytes, op=dist.ReduceOp.MAX)
+    return state["step"], int(loaded_bytes)
 
 
 def check_run_dir(cfg, ctx):
@@ -654,8 +752,7 @@ def start_log(cfg, ctx, step):
     path = os.path.join(cfg.out_dir, "log.jsonl")
     if not cfg.resume:  # reached only with --overwrite or with no checkpoint there
         for name in CKPT_FILES + ("log.jsonl",):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(cfg.out_dir, name))
+            remove_entry(os.path.join(cfg.out_dir, name))
     elif os.path.isfile(path):
         with open(path) as f:  # a run killed mid-write leaves a partial last line: dropped with the rest
             rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
@@ -697,11 +794,14 @@ def peak_flops(ctx):
 # The training job
 
 
-def train(cfg, loss_fn=None, setup_hook=None):
+def train(cfg, loss_fn=None, setup_hook=None, data_hook=None):
     """Run the job cfg describes; returns a summary dict. loss_fn(model, batch) -> (loss, metrics)
-    replaces cross-entropy for training; setup_hook(ctx) runs once the model is in place."""
+    replaces cross-entropy for training; setup_hook(ctx) runs once the model is in place;
+    data_hook(ctx) runs first and may point cfg.data elsewhere (distill.py's teacher generations)."""
     with processes(cfg) as ctx:
         # ---- data --------------------------------------------------------------------------
+        if data_hook is not None:
+            data_hook(ctx)
         ctx.meta = meta = read_meta(cfg.data)
         data = TrainData(cfg, meta)
         val_rows = validation_rows(cfg, meta, data.seq_len, ctx.world_size)
@@ -709,11 +809,7 @@ def train(cfg, loss_fn=None, setup_hook=None):
                                         else data.steps_for_epochs(cfg.epochs))
         check_schedule(cfg, total_steps)
         stop_step = min(total_steps, cfg.stop_after or total_steps)
-        per_rank = cfg.batch_size // ctx.world_size
-        micro_batch_size = cfg.micro_batch_size or per_rank
-        if cfg.batch_size % ctx.world_size or per_rank % micro_batch_size:
-            raise UserError(f"--batch_size={cfg.batch_size} must divide into {ctx.world_size} process(es) "
-                            f"x micro-batches of --micro_batch_size={micro_batch_size}")
+        _, micro_batch_size, _ = batch_plan(cfg.batch_size, cfg.micro_batch_size, ctx.world_size)
 
         # ---- model, optimizer, run folder ----------------------------------------------------
         check_run_dir(cfg, ctx)
@@ -724,12 +820,13 @@ def train(cfg, loss_fn=None, setup_hook=None):
         ctx.model = model
         if setup_hook is not None:
             setup_hook(ctx)
-        step = restore_train_state(model, optimizer, ctx) if cfg.resume else 0
+        step, optimizer_bytes_read = restore_train_state(model, optimizer, ctx) if cfg.resume else (0, None)
         saved_step = step if cfg.resume else None
         log = start_log(cfg, ctx, step)
         peak, peak_source = peak_flops(ctx)
         write_row(log, {"kind": "start", "step": step, "total_steps": total_steps, "params": model.num_params(),
-                        "world_size": ctx.world_size, "peak_flops": peak, "peak_flops_source": peak_source})
+                        "world_size": ctx.world_size, "peak_flops": peak, "peak_flops_source": peak_source,
+                        "optimizer_bytes_read_per_rank": optimizer_bytes_read})
         if ctx.is_main:
             print(f"{model.num_params() / 1e6:.2f}M parameters on {ctx.world_size} x {ctx.device.type} "
                   f"({ctx.parallel}, {str(ctx.compute_dtype)[6:]}); batch {cfg.batch_size} x {data.seq_len} "
@@ -797,6 +894,9 @@ def train(cfg, loss_fn=None, setup_hook=None):
                   f"{val['val_loss']:.4f}, perplexity {val['val_ppl']:.2f}; checkpoint in {cfg.out_dir}")
         if log is not None:
             log.close()
+        # DDP's reducer holds the process group. Were it the last to let go, at the return, gloo's
+        # threads would be joined while this thread holds the GIL they may need: a hang at exit.
+        del train_model
         return summary
 
 

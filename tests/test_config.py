@@ -83,5 +83,5 @@ def test_a_script_whose_output_is_not_a_terminal_writes_plain_progress_lines(tmp
                            "--vocab_size=600"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stdout + proc.stderr
-    for loop in ("training BPE: merge", "tokenizing train: document", "tokenizing val: document"):
+    for loop in ("training BPE: merge", "tokenizing: document"):
         assert re.search(rf"^{loop} [\d,]+ of [\d,]+ \(100%\), [\d.]+ s$", proc.stderr, re.M), proc.stderr

@@ -18,7 +18,7 @@ from model import ModelArgs, Transformer
 from prepare import open_split, read_meta, write_dataset
 from tokenizer import train_bpe
 
-L, P, S = 24, 8, 8  # examples of 24 tokens (BOS included), prefix 8, suffix 8
+L, P, S = 24, 7, 8  # examples of 24 tokens (BOS included), prompts of BOS + 7, suffix 8
 N_TRAIN = 16
 TEACHER_ROWS, BASELINE_ROWS = [0, 1, 2, 3, 4, 5], [0, 1, 2]
 SOFT_ROWS, HARD_ROWS = [0, 1], [0, 3]
@@ -66,7 +66,7 @@ def world(tmp_path_factory):
     rng = np.random.default_rng(0)
     rows = np.concatenate([np.full((N_TRAIN, 1), tok.bos_id), rng.integers(0, 256, (N_TRAIN, L - 1))], 1)
     rows[NEAR_COPY] = rows[0]
-    rows[NEAR_COPY, P + CHANGED_AT] = (rows[0, P + CHANGED_AT] + 1) % 256
+    rows[NEAR_COPY, 1 + P + CHANGED_AT] = (rows[0, 1 + P + CHANGED_AT] + 1) % 256
     val = np.concatenate([np.full((4, 1), tok.bos_id), rng.integers(0, 256, (4, L - 1))], 1)
     data = str(root / "data")
     write_dataset(data, str(root / "tok.model"), {"train": rows, "val": val}, "examples")
@@ -147,7 +147,7 @@ def test_features_equal_a_direct_computation(monkeypatch):
     teacher, baseline = tiny_model(1, vocab_size=300), tiny_model(2, vocab_size=300)
     for p in list(teacher.parameters()) + list(baseline.parameters()):
         p.data.mul_(5)  # sharper distributions than the nearly uniform initialization
-    T, prefix, suffix, k_percent = 12, 4, 5, 25.0
+    T, prefix, suffix, k_percent = 12, 3, 5, 25.0
     rows = torch.randint(0, 300, (3, T), generator=torch.Generator().manual_seed(0))
     cols = mem.example_features({"teacher": teacher, "baseline": baseline}, rows, prefix, suffix, k_percent,
                                 teacher="teacher", baselines=["baseline"])
@@ -158,7 +158,7 @@ def test_features_equal_a_direct_computation(monkeypatch):
         logp = [lt[t][rows[b, t + 1]].item() for t in range(T - 1)]
         entropies = [-(lt[t].exp() * lt[t]).sum().item() for t in range(T - 1)]
         kls = [(lt[t].exp() * (lt[t] - lb[t])).sum().item() for t in range(T - 1)]
-        in_suffix = range(prefix - 1, prefix - 1 + suffix)  # position t predicts token t + 1
+        in_suffix = range(prefix, prefix + suffix)  # after BOS + prefix; position t predicts token t + 1
         k = max(1, round((T - 1) * k_percent / 100))
         expected = {
             "teacher.ppl": math.exp(-sum(logp) / (T - 1)),
@@ -366,3 +366,15 @@ def test_errors_name_the_fix(world, tmp_path):
     with pytest.raises(UserError, match="layout=examples"):
         mem.main([f"--data={packed}", teacher])
     assert not os.path.exists(tmp_path / "r")  # nothing written by a failed run
+
+
+def test_flags_under_a_callers_bf16_autocast_still_equal_fp32_greedy_decoding():
+    # A training loop may call memorized_flags inside its bf16 autocast. An untrained model has
+    # nearly tied logits, so bf16 rounding would miss some of its own greedy continuations.
+    model = tiny_model(5)
+    prompts = torch.randint(0, 256, (64, 1 + P), generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([prompts, model.generate(prompts, S)], 1).numpy()  # greedy, in fp32
+    rows[32:, -1] = (rows[32:, -1] + 1) % 512  # the last suffix token wrong: not memorized
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        flags = mem.memorized_flags(model, rows, P, S, batch_size=16)
+    assert flags.tolist() == [True] * 32 + [False] * 32

@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import numpy as np
-import pytest
 
 import report
 
@@ -15,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPE = 'model = "tiny"\ndim = 32\nn_layers = 1\nn_heads = 4\nn_kv_heads = 2\ndtype = "fp32"\n'
 TUNE = 'batch_size = 8\nlr = 1e-2\nmin_lr = 1e-3\nwarmup_steps = 5\neval_interval = 0\nlog_interval = 5\n' \
-       'dtype = "fp32"\nmem_every = 10\nmem_prefix_len = 9\nmem_suffix_len = 8\n'
+       'dtype = "fp32"\nmem_every = 10\nmem_prefix_len = 8\nmem_suffix_len = 8\n'
 
 
 def write_preset(tmp_path):
@@ -38,9 +37,9 @@ def write_preset(tmp_path):
                                                   "batch_size = 8\nmax_steps = 20\nwarmup_steps = 5\n")
     (preset / "teacher.toml").write_text(TUNE + "epochs = 20\n")
     (preset / "baseline.toml").write_text(TUNE + "epochs = 20\n")
-    (preset / "student.toml").write_text(TUNE + "epochs = 20\ntemperature = 2.0\nprefix_len = 9\n")
+    (preset / "student.toml").write_text(TUNE + "epochs = 20\ntemperature = 2.0\nprefix_len = 8\n")
     (preset / "memorize.toml").write_text(
-        "prefix_len = 9\nsuffix_len = 8\nbatch_size = 32\ngenerate = true\nextract_samples = 16\n"
+        "prefix_len = 8\nsuffix_len = 8\nbatch_size = 32\ngenerate = true\nextract_samples = 16\n"
         "classifier_trials = 5\nclassifier_min_positives = 2\n")
     return preset
 

@@ -60,7 +60,7 @@ def test_a_model_trained_on_packed_documents_stops_at_their_end(tmp_path, capsys
         (tmp_path / f"doc{i}.txt").write_text(text)
     prepare.main([f"--input={tmp_path}", f"--out_dir={tmp_path}", "--name=data", "--val_fraction=0.25",
                   f"--tokenizer={write_tokenizer(tmp_path / 'bytes.model')}"])
-    run(tmp_path / "data", tmp_path / "model", "--seq_len=8", "--batch_size=4", "--max_steps=120",
+    run(tmp_path / "data", tmp_path / "model", "--seq_len=8", "--batch_size=4", "--max_steps=300",
         "--warmup_steps=10", "--eval_interval=0")
     tok = Tokenizer(str(tmp_path / "data" / "tokenizer.model"))
     stream = prepare.open_split(str(tmp_path / "data"), "train").tolist()

@@ -3,6 +3,7 @@ API distill.py uses, and clear errors. Tiny models on a byte-level vocabulary of
 
 import base64
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ from config import UserError, parse_config
 from memorize import memorized_flags
 from model import ModelArgs, Transformer
 from prepare import open_split, write_dataset
-from train import TrainConfig, cross_entropy_loss, lr_at, main, prepare_frozen_model, train
+from train import TrainConfig, batch_plan, cross_entropy_loss, lr_at, main, prepare_frozen_model, train
 
 BOS = 256  # the byte-level tokenizer below has 256 ranks, so its first special token is 256
 TINY = ["--model=tiny", "--dim=32", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1", "--dtype=fp32",
@@ -158,13 +159,13 @@ def test_memorization_is_tracked_during_training_once_per_distinct_example(tmp_p
     rows[1] = rows[0]  # one example planted twice: 8 distinct examples
     write_dataset(str(tmp_path / "d"), write_tokenizer(tmp_path / "d.tok"), {"train": rows, "val": rows[:2]}, "examples")
     run(tmp_path / "d", tmp_path / "run", "--batch_size=3", "--epochs=60", "--mem_every=20",
-        "--mem_prefix_len=5", "--mem_suffix_len=8", "--lr=3e-2")
+        "--mem_prefix_len=4", "--mem_suffix_len=8", "--lr=3e-2")
     tracked = log_rows(tmp_path / "run", "memorization")
     assert [r["step"] for r in tracked] == [0, 60, 120, 180] and [r["epoch"] for r in tracked] == [0, 20, 40, 60]
     assert all(r["examples"] == 8 and r["memorized"] == len(r["indices"]) for r in tracked)
     assert tracked[0]["memorized"] == 0 and 1 not in tracked[-1]["indices"]  # row 1 is row 0 again
     model = Transformer.from_pretrained(str(tmp_path / "run"))
-    flags = memorized_flags(model, np.delete(rows, 1, axis=0), 5, 8)
+    flags = memorized_flags(model, np.delete(rows, 1, axis=0), 4, 8)
     assert tracked[-1]["indices"] == [i + (i > 0) for i in np.flatnonzero(flags).tolist()] and flags.sum() > 0
 
 
@@ -364,3 +365,49 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
     weights = load_file(out / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# --- the batch arithmetic of every preset -------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINING_PRESETS = sorted(os.path.relpath(p, REPO) for name in ("teacher", "baseline", "student")
+                          for p in glob.glob(os.path.join(REPO, "configs", "*", f"{name}.toml")))
+
+
+def test_the_micro_batch_is_capped_at_each_process_share():
+    assert batch_plan(128, 64, 8) == (16, 16, 1)  # configs/gpu launched on 8 GPUs
+    assert batch_plan(128, 32, 2) == (64, 32, 2)
+    assert batch_plan(16, None, 1) == (16, 16, 1)
+    for batch_size, micro, world in [(10, None, 4), (12, 5, 1), (4, None, 8)]:
+        with pytest.raises(UserError, match=f"--batch_size={batch_size} must divide into {world} process"):
+            batch_plan(batch_size, micro, world)
+
+
+@pytest.mark.parametrize("preset", TRAINING_PRESETS)
+def test_every_training_preset_keeps_its_global_batch_at_1_2_4_and_8_processes(preset):
+    from distill import DistillConfig  # its settings are a superset of train.py's
+    cfg = parse_config(DistillConfig, [f"--config={os.path.join(REPO, preset)}"])
+    for world in (1, 2, 4, 8):
+        per_rank, micro, accumulation = batch_plan(cfg.batch_size, cfg.micro_batch_size, world)
+        assert per_rank * world == cfg.batch_size
+        assert micro * accumulation == per_rank and micro <= per_rank
+        if cfg.micro_batch_size and cfg.micro_batch_size <= per_rank:
+            assert micro == cfg.micro_batch_size  # the preset's micro-batch where it fits
+
+
+def test_the_presets_of_all_three_folders_are_checked():
+    assert len(TRAINING_PRESETS) >= 9, TRAINING_PRESETS  # reproduce, gpu, llama32
+
+
+def test_an_interrupted_move_replaces_the_sharded_optimizer_folder_whole(tmp_path):
+    # FSDP checkpoints hold a folder of optimizer shards; a save killed while moving files into
+    # place leaves the new folder in .ckpt-ready/, and the next start puts it in place of the old.
+    from train import finish_interrupted_save
+    (tmp_path / "optimizer").mkdir()
+    (tmp_path / "optimizer" / "shard-00003.safetensors").write_text("old")
+    (tmp_path / ".ckpt-ready" / "optimizer").mkdir(parents=True)
+    (tmp_path / ".ckpt-ready" / "optimizer" / "shard-00001.safetensors").write_text("new")
+    (tmp_path / ".ckpt-ready" / "train_state.pt").write_text("new")
+    finish_interrupted_save(str(tmp_path))
+    assert os.listdir(tmp_path / "optimizer") == ["shard-00001.safetensors"]
+    assert (tmp_path / "train_state.pt").read_text() == "new" and not (tmp_path / ".ckpt-ready").exists()

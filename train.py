@@ -707,7 +707,7 @@ def restore_train_state(model, optimizer, ctx):
     out_dir = ctx.cfg.out_dir
     path = os.path.join(out_dir, "train_state.pt")
     state = load_tensor_file(path)
-    if not isinstance(state, dict) or not {"optimizer", "step", "rng"} <= set(state):
+    if not isinstance(state, dict) or not {"step", "rng"} <= set(state) or not {"optimizer", "param_groups"} & set(state):
         raise UserError(f"{path} is not a training state written by train.py; pass --overwrite to start afresh")
     if state["step"] != read_checkpoint_meta(out_dir).get("step"):
         raise UserError(f"the checkpoint files in {out_dir} come from different steps; delete them or pass --overwrite")

@@ -155,7 +155,7 @@ def hf_cross_entropy(model, batch):
 
 def train_step(model, optimizer, batch, loss_fn, ctx):
     """One optimizer step of train.py's loop (one micro-batch)."""
-    accumulate_gradients(model, [batch], loss_fn, ctx)
+    accumulate_gradients(model, [(batch, 1.0)], loss_fn, ctx)  # one micro-batch, weight 1
     clip_gradients(model, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

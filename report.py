@@ -96,35 +96,41 @@ def regime(s):
     return [{"condition": c, "this_run": v, "met": bool(ok)} for c, v, ok in checks]
 
 
-def findings(s, sweep=None, filtering=None):
+def findings(s, sweep=None, filtering=None, perplexity=True):
     """Each of the paper's findings: this run's numbers, one number to aggregate over seeds
-    (`value`), and whether it points the way the paper's does (`reproduced`: None = cannot tell)."""
+    (`value`), and whether it points the way the paper's does (`reproduced`). A finding this run
+    cannot judge (the soft student memorized nothing, say) is still listed, with `reproduced`
+    None and the reason; the sweep and the filtering only when they ran."""
     m, out = s["models"], []
     base, soft = m.get("baseline"), m.get("student_soft")
+    if not (base and soft):
+        return out
     ts, easy, clf = s.get("teacher_specific", {}), s.get("easy", {}), s.get("classifier", {})
 
-    def add(key, name, paper, ours, value, holds):
+    def add(key, name, paper, ours, value=None, holds=None):
         out.append({"key": key, "finding": name, "paper": paper, "this_run": ours, "value": value,
                     "reproduced": None if holds is None else bool(holds)})
 
-    if base and soft:
-        r = ratio(base["memorized"], soft["memorized"])
-        add("less", "the soft student memorizes less than the baseline", f"{PAPER['baseline_over_student']}x less",
-            f"{base['memorized']} vs {soft['memorized']}" + (f" ({r:.1f}x less)" if r else ""), r,
-            soft["memorized"] < base["memorized"] if base["memorized"] else None)
+    r = ratio(base["memorized"], soft["memorized"])
+    add("less", "the soft student memorizes less than the baseline", f"{PAPER['baseline_over_student']}x less",
+        f"{base['memorized']} vs {soft['memorized']}" + (f" ({r:.1f}x less)" if r else ""), r,
+        soft["memorized"] < base["memorized"] if base["memorized"] else None)
+    if perplexity:
         if base.get("val_ppl") and soft.get("val_ppl"):
             add("perplexity", "... at no worse validation perplexity", "17.31 vs 17.69",
                 f"{soft['val_ppl']:.2f} vs {base['val_ppl']:.2f}", soft["val_ppl"] / base["val_ppl"],
                 soft["val_ppl"] <= base["val_ppl"])
+        else:
+            add("perplexity", "... at no worse validation perplexity", "17.31 vs 17.69", "no validation perplexity")
     share = easy.get("share_soft")
-    if share is not None:
-        add("easy", "what the soft student memorizes is 'easy' (teacher and a baseline both memorize it): at least 90%",
-            f"{100 * PAPER['easy_share']:.1f}%", f"{100 * share:.1f}%", share, share >= 0.9)
-    if ts.get("count") and ts.get("inherited_soft") is not None:
-        frac = ts["inherited_soft"] / ts["count"]
-        add("inherited", "the soft student inherits under 1% of teacher-specific memorization", PAPER["inherited"],
-            f"{ts['inherited_soft']} of {ts['count']} ({100 * frac:.1f}%)", frac, frac < 0.01)
-    if ts.get("inherited_hard") is not None and ts.get("inherited_soft") is not None:
+    add("easy", "what the soft student memorizes is 'easy' (teacher and a baseline both memorize it): at least 90%",
+        f"{100 * PAPER['easy_share']:.1f}%", "the soft student memorized none" if share is None else f"{100 * share:.1f}%",
+        share, None if share is None else share >= 0.9)
+    frac = ratio(ts.get("inherited_soft"), ts.get("count"))
+    add("inherited", "the soft student inherits under 1% of teacher-specific memorization", PAPER["inherited"],
+        "no teacher-specific examples" if frac is None else
+        f"{ts['inherited_soft']} of {ts['count']} ({100 * frac:.1f}%)", frac, None if frac is None else frac < 0.01)
+    if ts.get("inherited_hard") is not None:
         hard_n, soft_n = ts["inherited_hard"], ts["inherited_soft"]
         r = ratio(hard_n, soft_n)
         add("hard_over_soft", "hard distillation inherits more teacher-specific examples than soft",
@@ -137,22 +143,27 @@ def findings(s, sweep=None, filtering=None):
         z = clf["coefficients"]["zlib_entropy"]["mean"]
         add("zlib", "low zlib entropy (compressible text) raises the risk: negative coefficient",
             f"{PAPER['zlib_coefficient']}", f"{z:+.2f}", z, z < 0)
+    else:
+        reason = f"no classifier ({clf.get('status', 'not run')})"
+        add("auc", "pre-distillation features predict the soft student's memorization: AUC at least 0.9",
+            f"AUC {PAPER['auc']}", reason)
+        add("zlib", "low zlib entropy (compressible text) raises the risk: negative coefficient",
+            f"{PAPER['zlib_coefficient']}", reason)
     if sweep:
         counts = [v["memorized"] for v in sweep["students"].values()]
         add("temperature", "a higher temperature, less memorization (T = 1, 2, 3, 4)", "falls with T",
             " / ".join(map(str, counts)), ratio(counts[-1], counts[0]), sweep["falls_with_temperature"])
-    if filtering and "skipped" not in filtering:
-        before, after = filtering["before"], filtering["after"]
-        add("filtering", "filtering the examples predicted at risk removes at least 90% of the student's memorization",
-            PAPER["filtering"], f"{before} -> {after}", ratio(after, before), after <= 0.1 * before if before else None)
+    if filtering:
+        name = "filtering the examples predicted at risk removes at least 90% of the student's memorization"
+        if "skipped" in filtering:
+            add("filtering", name, PAPER["filtering"], filtering["skipped"])
+        else:
+            before, after = filtering["before"], filtering["after"]
+            add("filtering", name, PAPER["filtering"], f"{before} -> {after}", ratio(after, before),
+                after <= 0.1 * before if before else None)
     return out
 
 
-def natural_view(s):
-    """The summary restricted to the natural (unrepeated) examples, for the same findings. Validation
-    perplexity is not a property of a subset of D, so that finding is left out here."""
-    nat = s["natural"]
-    return {**nat, "models": {n: {**v, "val_ppl": None} for n, v in nat["models"].items()}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,7 +419,8 @@ def report_family(cfg):
     s["filtering"], s["_filter_lines"] = filter_section(os.path.join(cfg.out, "filter", "summary.json"), soft_before)
     s["regime"] = regime(s)
     s["findings"] = findings(s, s["sweep"], s["filtering"])
-    s["findings_natural"] = findings(natural_view(s)) if "natural" in s else None
+    # On the natural examples alone: validation perplexity is not a property of a subset of D.
+    s["findings_natural"] = findings(s["natural"], perplexity=False) if "natural" in s else None
     s["dynamics"] = dynamics(s, cfg.out)
     if s["dynamics"]:
         s["dynamics"]["figure"] = dynamics_figure(s["dynamics"], os.path.join(cfg.out, "dynamics.png"))
@@ -441,8 +453,8 @@ def aggregate(families, key="findings"):
     for row in table.values():
         values = [f["value"] for f in row["per_family"].values() if f["value"] is not None]
         row["mean"], row["std"] = mean_std(values)
-        verdicts = [f["reproduced"] for f in row["per_family"].values()]
-        row["holds"], row["judged"], row["of"] = verdicts.count(True), sum(v is not None for v in verdicts), len(families)
+        verdicts = [f["reproduced"] for f in row["per_family"].values()]  # only the seeds that ran it
+        row["holds"], row["judged"], row["of"] = verdicts.count(True), sum(v is not None for v in verdicts), len(verdicts)
     return table
 
 
@@ -453,7 +465,7 @@ def aggregate_table(table, labels):
         cells = []
         for label in labels:
             f = row["per_family"].get(label)
-            cells.append("(not measured)" if f is None else
+            cells.append("not run" if f is None else
                          f"{f['this_run']} {({True: 'yes', False: '**no**', None: '-'})[f['reproduced']]}")
         spread = "-" if row["mean"] is None else f"{row['mean']:.3g}" + ("" if row["std"] is None else f" ± {row['std']:.2g}")
         cannot = row["of"] - row["judged"]

@@ -41,7 +41,13 @@ TRAIN_CODE := train.py model.py config.py prepare.py
 # For the GPU presets: LAUNCH="torchrun --standalone --nproc_per_node=8", the corpus (INPUT=shards or
 # folder), a tokenizer file (TOKENIZER=...), and pretrained starts (TEACHER_INIT=..., STUDENT_INIT=...),
 # which replace the bases this pipeline would otherwise pretrain.
-LAUNCH  ?= $(PY)
+# Steps that do not depend on each other run side by side, JOBS at a time, each with its share of
+# the cores (on 2 cores: two steps of one thread each, which trains more tokens per second in all
+# than one step on two threads). make JOBS=1 runs one step at a time on every core.
+JOBS    ?= 2
+THREADS ?= $(shell n=$$(( $$(nproc) / $(JOBS) )); echo $$(( n > 0 ? n : 1 )))
+MAKEFLAGS += -j$(JOBS)
+LAUNCH  ?= OMP_NUM_THREADS=$(THREADS) $(PY)
 INPUT   ?=
 TOKENIZER ?=
 TEACHER_INIT ?=

@@ -844,7 +844,8 @@ def train(cfg, loss_fn=None, setup_hook=None, data_hook=None):
         # ---- the loop ------------------------------------------------------------------------
         if step == 0:
             track_memorization(0)
-        bar = progress_bar(total=total_steps, initial=step, disable=not ctx.is_main, desc="train", unit="step")
+        bar = progress_bar(total=total_steps, initial=step, disable=not ctx.is_main,
+                           desc=f"train {os.path.basename(os.path.normpath(cfg.out_dir))}", unit="step")
         start_step, stats, val, train_time = step, {}, None, 0.0
         window_steps, window_time = 0, 0.0  # since the last training row of the log
         while step < stop_step:

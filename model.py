@@ -274,8 +274,14 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+            self.tie_weights()
         self.init_rope()
+
+    def tie_weights(self):
+        """The output layer reads the embedding table (Llama 3.2 1B and 3B): every tensor of the
+        embedding (its weight, and its scales once quantized by quantize.py) is the output layer's."""
+        for name, tensor in self.tok_embeddings.state_dict(keep_vars=True).items():
+            setattr(self.output, name, tensor)
 
     def init_rope(self):
         """(Re)build the fp32 rotary table; needed after building on the meta device."""
@@ -335,7 +341,7 @@ class Transformer(nn.Module):
     # Generation: prefill the prompt, then decode one token at a time against the KV cache.
 
     def setup_cache(self, batch_size, cache_len):
-        p = self.tok_embeddings.weight
+        p = self.norm.weight  # the model's dtype (the embedding may be int8: quantize.py)
         shape = (batch_size, self.args.n_kv_heads, cache_len, self.args.head_dim)
         for layer in self.layers:
             layer.attention.cache_k = torch.zeros(shape, dtype=p.dtype, device=p.device)
@@ -403,8 +409,9 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: this project's folders, Meta's folders and Hugging Face folders.
-# Every loader builds the model on the meta device (no memory) and then assigns the loaded tensors
-# as its parameters, so loading holds one copy of the weights, not two.
+# Every reader yields the checkpoint's tensors one at a time under this project's names; the model
+# is built on the meta device (no memory) and each tensor assigned as it arrives, so loading holds
+# one copy of the weights, not two.
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -433,43 +440,60 @@ def model_args_from_dict(d):
     return ModelArgs(**{k: v for k, v in d.items() if k in known})
 
 
-def _build(args, state_dict, device, dtype):
-    with torch.device("meta"):
-        model = Transformer(args)
-    for k in list(state_dict):  # one tensor at a time, so the old copy is freed as we go
-        state_dict[k] = state_dict[k].to(device=device, dtype=dtype)
-    if args.tie_word_embeddings:
-        state_dict.pop("output.weight", None)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    missing = [k for k in missing if not (args.tie_word_embeddings and k == "output.weight")]
+def load_weights(model, tensors, device, dtype):
+    """Fill a model built on the meta device from (name, tensor) pairs in this project's names.
+
+    Tensors are taken one at a time: each is moved to device, cast to dtype if floating, and
+    assigned before the next is read (a layer quantized by quantize.py quantizes the float weight it
+    receives). Returns the model."""
+    tied, unexpected = model.args.tie_word_embeddings, []
+    for name, tensor in tensors:
+        if tied and name == "output.weight":
+            continue  # the output layer reads the embedding table: tied below
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            unexpected.append(name)
+            continue
+        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        result = module.load_state_dict({attr: tensor}, strict=False, assign=True)
+        unexpected += [f"{module_name}.{k}" for k in result.unexpected_keys]
+        del tensor  # dropped before the next one is read (the readers drop theirs too)
+    if tied:
+        model.tie_weights()
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
-    if args.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
     model.init_rope()
     return model.to(device)
 
 
-def _load_safetensors_files(files):
+def _safetensors_tensors(files):
+    """(name, tensor) from .safetensors files, one tensor at a time. The file is reopened for each:
+    while it is open, every page read from its memory map counts in this process's memory."""
     from safetensors import safe_open
-    state = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
-    return state
+            keys = list(f.keys())
+        for key in keys:
+            with safe_open(file, framework="pt") as f:
+                tensor = f.get_tensor(key)
+            yield key, tensor
+            del tensor
 
 
-def load_own(path, device, dtype):
+def read_own(path):
     args = model_args_from_dict(read_checkpoint_meta(path)["model_args"])
-    return _build(args, _load_safetensors_files([os.path.join(path, WEIGHTS)]), device, dtype)
+    return args, _safetensors_tensors([os.path.join(path, WEIGHTS)])
 
 
-def load_meta(path, device, dtype):
+def read_meta(path):
     """Meta's folder: params.json and consolidated.00.pth ... one shard per model-parallel rank.
     Sharded tensors are concatenated by Meta's layout: column-parallel layers (wq, wk, wv, w1, w3,
     output) and the vocabulary-parallel embedding on dim 0, row-parallel ones (wo, w2) on dim 1;
-    norms are replicated. Key/value heads replicated across more shards than heads are de-duplicated."""
+    norms are replicated. Key/value heads replicated across more shards than heads are de-duplicated.
+    The shards are memory-mapped: pages read stay counted in this process's memory until loading ends."""
     with open(os.path.join(path, "params.json")) as f:
         params = json.load(f)
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
@@ -501,7 +525,7 @@ def load_meta(path, device, dtype):
         if w.shape[0] > kv_rows:  # each shard held a copy of its key/value heads
             reps = w.shape[0] // kv_rows
             state[key] = w.view(args.n_kv_heads, reps, args.head_dim, -1)[:, 0].reshape(kv_rows, -1)
-    return _build(args, state, device, dtype)
+    return args, state.items()
 
 
 # Hugging Face's names for Meta's, per layer and at the top.
@@ -553,7 +577,7 @@ def hf_config_to_args(cfg):
     return ModelArgs(**args)
 
 
-def load_hf(path, device, dtype):
+def read_hf(path):
     with open(os.path.join(path, CONFIG)) as f:
         args = hf_config_to_args(json.load(f))
     index = os.path.join(path, "model.safetensors.index.json")
@@ -564,9 +588,12 @@ def load_hf(path, device, dtype):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{path} has a Hugging Face config.json but no .safetensors weights")
-    raw, state = _load_safetensors_files(files), {}
-    for key in list(raw):
-        w = raw.pop(key)  # renamed (and un-permuted) one tensor at a time: never two copies
+    return args, _hf_tensors(_safetensors_tensors(files), args)
+
+
+def _hf_tensors(raw, args):
+    """Hugging Face's (name, tensor) pairs renamed to Meta's, q/k rows un-permuted, one at a time."""
+    for key, w in raw:
         if key.startswith("model.layers."):
             _, _, i, rest = key.split(".", 3)
             module, param = rest.rsplit(".", 1)
@@ -580,8 +607,8 @@ def load_hf(path, device, dtype):
             if module not in _HF_TOP:
                 continue  # e.g. rotary inv_freq buffers saved by old versions
             name = f"{_HF_TOP[module]}.{param}"
-        state[name] = w
-    return _build(args, state, device, dtype)
+        yield name, w
+        del w
 
 
 def _atomic_save_safetensors(tensors, path, metadata=None):
@@ -646,10 +673,22 @@ def export_hf(model, path, bos_token_id=None, eos_token_id=None):
     _atomic_write_json(cfg, os.path.join(path, CONFIG))
 
 
+def read_checkpoint(path):
+    """(ModelArgs, iterable of (name, tensor) in this project's names) of any checkpoint folder this
+    project knows: its own, Meta's or Hugging Face's. Tensors are read as the iterable is consumed."""
+    return {"own": read_own, "meta": read_meta, "hf": read_hf}[checkpoint_format(path)](path)
+
+
+def empty_model(args):
+    """A Transformer on the meta device: every shape, no memory, for load_weights to fill."""
+    with torch.device("meta"):
+        return Transformer(args)
+
+
 def from_pretrained(path, device="cpu", dtype=torch.float32):
-    """Load any checkpoint folder this project knows: its own, Meta's or Hugging Face's."""
-    loader = {"own": load_own, "meta": load_meta, "hf": load_hf}[checkpoint_format(path)]
-    return loader(path, device, dtype)
+    """Load any checkpoint folder this project knows, holding one copy of the weights."""
+    args, tensors = read_checkpoint(path)
+    return load_weights(empty_model(args), tensors, device, dtype)
 
 
 Transformer.from_pretrained = staticmethod(from_pretrained)

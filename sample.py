@@ -5,6 +5,7 @@ Sample from a model on the command line, printing the text as it is generated.
 - `--prompt` or `--prompt_file`; `--chat` wraps the prompt in Llama 3's chat format and stops at
   `<|eot_id|>`; generation always stops at the end-of-text tokens.
 - Greedy at `--temperature=0`, else sampling with optional `--top_k` / `--top_p`, seeded by `--seed`.
+- `--quantize=int8` loads row-wise int8 weights (quantize.py): about 3x faster decoding on a CPU.
 
     python sample.py --ckpt=out/small --prompt="ROMEO:" --max_new_tokens=200
 """
@@ -16,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from config import UserError, parse_config, run_main
+import quantize
+from config import UserError, parse_config, run_main, setting
 from model import Transformer
 from tokenizer import Tokenizer
 from train import pick_device
@@ -37,6 +39,7 @@ class SampleConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "fp32"  # fp32 or bf16 weights
+    quantize: str = setting("none", "none, or int8: row-wise int8 weights, quantized while loading (quantize.py)")
 
 
 def find_tokenizer(cfg):
@@ -75,8 +78,13 @@ def main(argv):
     tok = find_tokenizer(cfg)
     device = pick_device(cfg.device, 0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    if cfg.quantize not in quantize.KINDS:
+        raise UserError(f"--quantize is one of {', '.join(quantize.KINDS)}, not {cfg.quantize!r}")
     try:
-        model = Transformer.from_pretrained(cfg.ckpt, device=device, dtype=dtype).eval()
+        if cfg.quantize == "none":
+            model = Transformer.from_pretrained(cfg.ckpt, device=device, dtype=dtype).eval()
+        else:  # one tensor at a time: memory never holds the whole model in floating point
+            model = quantize.from_pretrained(cfg.ckpt, cfg.quantize, device=device, dtype=dtype).eval()
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"{e}") from None
     if model.args.vocab_size < tok.n_words:

@@ -37,6 +37,7 @@ from classifier import at_risk_probability, classifier_trials
 from config import UserError, config_dict, parse_config, run_main, setting
 from model import Transformer, checkpoint_format, read_checkpoint_meta
 from prepare import open_split, read_meta, write_dataset
+from quantize import KINDS, is_quantized, quantized_copy
 from tokenizer import Tokenizer
 from train import pick_device
 
@@ -75,6 +76,8 @@ class MemorizeConfig:
     extract_model: str = setting("", "attacked model (default: teacher, else the first)")
     extract_reference: str = setting("", "model name for the ratio score (default: first baseline; 'none' to skip)")
     extract_window: int = setting(0, "training window that counts as extracted (0: S)")
+    extract_quantize: str = setting("none", "the attack samples from an int8 copy of its model for speed "
+                                            "(none or int8); every score and flag stays fp32")
     figures: bool = setting(True, "PNG figures (needs matplotlib)")
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, mps")
     seed: int = setting(1337, "seeds the classifier's resampling and all sampling")
@@ -261,6 +264,7 @@ def memorized_flags(model, rows, prefix_len, suffix_len, batch_size=32):
     """The exact-match flag of every row, bool (N,): for training loops that track memorization.
     The same flag as measure_examples' with only the work it needs: one forward pass over the first
     P + S - 1 tokens, and the output layer at the S positions that predict the suffix."""
+    check_full_precision({"model": model})
     device = model.tok_embeddings.weight.device
     flags = np.empty(len(rows), dtype=bool)
     for i in range(0, len(rows), batch_size):
@@ -378,16 +382,17 @@ class NgramIndex:
 
 @torch.no_grad()
 def extraction_samples(target, reference, n, length, bos_id, top_k, batch_size, tokenizer, generator,
-                       rank=0, world=1, progress=True):
+                       rank=0, world=1, progress=True, sampler=None):
     """This rank's share of n samples of `length` tokens from <|begin_of_text|> (top-k sampling), with
-    the attack's scores: log-perplexity under target and reference, zlib entropy of the text."""
+    the attack's scores: log-perplexity under target and reference, zlib entropy of the text.
+    sampler: a faster copy of target to draw the samples from (int8), else target itself."""
     device = target.tok_embeddings.weight.device
     lo, hi = shard_range(n, rank, world)
     parts = []
     for i in tqdm(range(lo, hi, batch_size), desc="extraction", unit="batch", disable=not progress or rank != 0):
         prompt = torch.full((min(batch_size, hi - i), 1), bos_id, dtype=torch.long, device=device)
-        tokens = torch.cat([prompt, target.generate(prompt, length, temperature=1.0, top_k=top_k,
-                                                    generator=generator)], 1)
+        tokens = torch.cat([prompt, (sampler or target).generate(prompt, length, temperature=1.0, top_k=top_k,
+                                                                generator=generator)], 1)
         samples = tokens[:, 1:].cpu().numpy()
         cols = {"tokens": samples, "log_ppl": -token_logprobs(target, tokens).mean(1).cpu().numpy(),
                 "zlib_entropy": zlib_entropy(tokenizer, tokens.cpu().numpy())}
@@ -481,6 +486,14 @@ def check_names(cfg, names):
             raise UserError(f"--{key}={value} is not one of the models {names}; name one of them")
 
 
+def check_full_precision(models):
+    """Memorization flags must be exact: no model measured here may be quantized (quantize.py)."""
+    quantized = [name for name, m in models.items() if is_quantized(m)]
+    if quantized:
+        raise UserError(f"model {quantized[0]!r} is quantized, and memorization is measured in full precision "
+                        "(exact flags); pass it unquantized (--extract_quantize=int8 speeds up the attack alone)")
+
+
 def check_config(cfg, meta):
     if meta.get("layout") != "examples":
         raise UserError(f"{cfg.data} has layout {meta.get('layout')!r}; prepare it with --layout=examples")
@@ -490,6 +503,8 @@ def check_config(cfg, meta):
     if cfg.prefix_len + cfg.suffix_len > L:
         raise UserError(f"prefix_len + suffix_len = {cfg.prefix_len + cfg.suffix_len} exceeds the {L}-token examples "
                         f"of {cfg.data}; lower them or prepare examples of at least that length")
+    if cfg.extract_quantize not in KINDS:
+        raise UserError(f"--extract_quantize is one of {', '.join(KINDS)}, not {cfg.extract_quantize!r}")
     if cfg.batch_size < 1 or cfg.classifier_trials < 1 or not 0 < cfg.classifier_test_fraction < 1:
         raise UserError("--batch_size and --classifier_trials must be positive and --classifier_test_fraction in (0, 1)")
 
@@ -675,6 +690,7 @@ def run(cfg, models=None):
         if models is None:
             longest = max(meta["example_len"], extract_len + 1 if cfg.extract_samples else 0)
             models = load_models(paths, meta, cfg.data, device, longest)
+        check_full_precision(models)
         tokenizer = Tokenizer(os.path.join(cfg.data, "tokenizer.model"))
         return _run(cfg, models, paths, meta, rows, tokenizer, device, dist.get_rank() if world > 1 else 0, world,
                     extract_len)
@@ -791,8 +807,9 @@ def run_extraction(cfg, models, meta, tokenizer, device, rank, world, extract_le
     # Carlini et al. compare with a smaller model trained on similar data; here, a baseline.
     reference = cfg.extract_reference or next((b for b in baselines if b != target), "none")
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 7919 + rank)
+    sampler = quantized_copy(models[target], cfg.extract_quantize) if cfg.extract_quantize != "none" else None
     ex = extraction_samples(models[target], models.get(reference), cfg.extract_samples, extract_len, meta["bos_id"],
-                            cfg.extract_top_k, cfg.batch_size, tokenizer, generator, rank, world)
+                            cfg.extract_top_k, cfg.batch_size, tokenizer, generator, rank, world, sampler=sampler)
     ex = gather_columns(ex, world)
     if rank != 0:
         return None

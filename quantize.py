@@ -1,20 +1,26 @@
 """
 Weight-only row-wise int8 quantization of a Transformer, for faster decoding.
 
-- Why: decoding at a small batch reads every weight once per token, so the bytes of the weights,
-  not the arithmetic, set the speed. int8 weights with one scale per output row read 4x fewer bytes
-  than fp32 and 2x fewer than bf16; the activations stay in floating point (weight-only).
+- Why: decoding at a small batch reads every weight once per token, so the bytes of the weights
+  bound its speed. int8 weights with one scale per output row are 4x fewer bytes than fp32 and 2x
+  fewer than bf16; the activations stay in floating point (weight-only). How much faster that makes
+  decoding depends on the kernel: on this project's 2-core test CPU it multiplies 15 G int8 weights/s
+  against 8.4 G fp32 ones, so 1.9x on the Llama 3.2 1B shape and nothing on the small bench shape,
+  where per-operation overhead dominates (README, "Decoding with int8 weights").
 - Row-wise: scale = max |row| / 127 and q = round(w / scale), so each weight is off by at most
   scale / 2; the scale absorbs rows of very different sizes (Llama 3 paper, section 6.2, computes
   its FP8 scale factors across rows for the same reason).
-- The matmul goes through PyTorch's int8 weight-only kernel on a CPU, with the activations in bf16
-  (its fast path; its fp32 path is a scalar loop, 10-40x slower on this project's 2-core test
-  machine). Elsewhere the int8 weight is converted to the activations' dtype and multiplied, then
-  each output scaled: memory is saved there, not time. (CUDA has the kernel too; untested here.)
+- On a CPU, decoding's few rows go through PyTorch's int8 weight-only kernel with the activations
+  in bf16 (its fast path; with fp32 activations it runs 14-48x slower on this project's 2-core test
+  machine), and a prefill's many rows through one bf16 matmul on the weight converted to bf16.
+  Elsewhere the int8 weight is converted to the activations' dtype and multiplied, then each output
+  scaled: memory is saved there, not time. (CUDA has the int8 kernel too: untested here, no GPU.)
 - The paper's choices are options of `quantize`: `layers="ffn"` quantizes the feed-forward layers
   only, leaving self-attention in the model's dtype, and `keep_ends=True` leaves the first and
   last blocks and the output layer unquantized ("akin to Zhang et al. (2021), we do not perform
-  quantization in the first and last Transformer layers"). Together they are the paper's scheme.
+  quantization in the first and last Transformer layers"). Together they are the paper's choice of
+  what to quantize. With tied embeddings (Llama 3.2) a quantized output layer shares its int8 table
+  with the embedding lookup.
 - `from_pretrained` quantizes while loading, one tensor at a time, so memory never holds the whole
   model in floating point; `quantized_copy` does the same from a model already in memory.
 
@@ -23,9 +29,9 @@ row-wise activation scales capped at 1200, through `torch._scaled_mm` on Hopper 
 int8 needs no activation scales, so the cap has no counterpart here; the FP8 path is left out
 because no GPU was available to test it.
 
-    model = quantize(Transformer.from_pretrained("out/small"))              # every linear layer
-    model = quantize(model, layers="ffn", keep_ends=True)                   # the paper's choice
-    model = from_pretrained("path/Llama-3.2-1B", "int8", dtype=torch.bfloat16)  # while loading
+    model = quantize(Transformer.from_pretrained("out/small"))                  # every linear layer
+    model = quantize(Transformer.from_pretrained("out/small"), layers="ffn", keep_ends=True)  # the paper's
+    model = from_pretrained("path/Llama-3.2-1B", "int8", dtype=torch.bfloat16)      # while loading
 """
 
 import torch
@@ -37,6 +43,10 @@ from model import empty_model, load_weights, read_checkpoint
 KINDS = ("none", "int8")
 LAYERS = ("all", "ffn")
 CHUNK_ELEMENTS = 1 << 20  # rows are quantized in chunks of about this many weights (4 MB in fp32)
+# The CPU kernel works one input row at a time (about 0.2 ms per row on an 8192 x 2048 weight here,
+# 2 threads); converting the weight to bf16 for one bf16 matmul costs about 10 ms whatever the rows:
+# from about 50 rows (a prefill, a perplexity evaluation) the conversion is faster.
+KERNEL_MAX_ROWS = 48
 
 
 def quantize_rows(w):
@@ -88,18 +98,22 @@ def kernel_matmul(x, q, scale):
     return y.view(*x.shape[:-1], -1).to(x.dtype)
 
 
-def dequantized_matmul(x, q, scale):
-    """The same product anywhere, in x's dtype: scaling each output after the matmul equals scaling
-    each row of the weight before it."""
-    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+def dequantized_matmul(x, q, scale, dtype):
+    """The same product through a copy of the weight converted to dtype, returned in x's dtype:
+    scaling each output after the matmul equals scaling each row of the weight before it."""
+    return (F.linear(x.to(dtype), q.to(dtype)) * scale.to(dtype)).to(x.dtype)
 
 
 class Int8Linear(Int8Rows):
-    """y = x W^T with W = q * scale[:, None]: x (..., K) -> (..., N) in x's dtype."""
+    """y = x W^T with W = q * scale[:, None]: x (..., K) -> (..., N) in x's dtype. On a CPU, the int8
+    kernel for a few rows (decoding) and a bf16 matmul for many (prefill); elsewhere x's dtype."""
 
     def forward(self, x):
-        matmul = kernel_matmul if x.device.type == "cpu" else dequantized_matmul
-        return matmul(x, self.weight, self.scale)
+        if x.device.type != "cpu":
+            return dequantized_matmul(x, self.weight, self.scale, x.dtype)
+        if x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]:
+            return kernel_matmul(x, self.weight, self.scale)
+        return dequantized_matmul(x, self.weight, self.scale, torch.bfloat16)
 
 
 class Int8Embedding(Int8Rows):

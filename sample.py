@@ -5,7 +5,8 @@ Sample from a model on the command line, printing the text as it is generated.
 - `--prompt` or `--prompt_file`; `--chat` wraps the prompt in Llama 3's chat format and stops at
   `<|eot_id|>`; generation always stops at the end-of-text tokens.
 - Greedy at `--temperature=0`, else sampling with optional `--top_k` / `--top_p`, seeded by `--seed`.
-- `--quantize=int8` loads row-wise int8 weights (quantize.py): about 3x faster decoding on a CPU.
+- `--quantize=int8` loads row-wise int8 weights (quantize.py), quantized tensor by tensor: a quarter
+  of fp32's memory, and faster decoding where weights dominate (1.9x on the Llama 3.2 1B shape).
 
     python sample.py --ckpt=out/small --prompt="ROMEO:" --max_new_tokens=200
 """

@@ -43,8 +43,8 @@ import memorize
 from config import UserError, parse_config, run_main, setting
 from distill import DistillConfig, make_soft_loss
 from model import CONFIGS, ModelArgs, Transformer, empty_model, load_weights
-from quantize import quantized_copy
 from prepare import read_meta
+from quantize import quantized_copy
 from train import (Context, TrainConfig, accumulate_gradients, clip_gradients, cross_entropy_loss, evaluate,
                    flops_per_token, make_optimizer, parallelize, peak_flops, pick_device, pick_dtype,
                    validation_rows)
@@ -137,6 +137,13 @@ def build_model(args, seed, device):
 def teacher_args(args, scale):
     return dataclasses.replace(args, dim=args.dim * scale, n_heads=args.n_heads * scale,
                                n_kv_heads=args.n_kv_heads * scale, ffn_hidden_dim=args.hidden_dim * scale)
+
+
+def bf16_copy(model):
+    """Our model with bf16 weights, converted tensor by tensor as from_pretrained(dtype=bf16) loads it
+    (the rotary table stays fp32)."""
+    tensors = model.state_dict().items()
+    return load_weights(empty_model(model.args), tensors, model.norm.weight.device, torch.bfloat16).eval()
 
 
 def hf_copy(model):
@@ -237,8 +244,7 @@ def decode_bytes(model, batch, context):
 def bench_generation(cfg, args, device, model, hf):
     section(f"greedy generation with the KV cache: prompt {cfg.prompt_len}, {cfg.new_tokens} new tokens, fp32 "
             "(and our model with bf16 weights, as sample.py --dtype=bf16 loads it, and with int8 weights)")
-    # Copies made tensor by tensor, as from_pretrained loads them: never two fp32 models at once.
-    half = load_weights(empty_model(args), model.state_dict().items(), device, torch.bfloat16).eval()
+    half = bf16_copy(model)  # copies made tensor by tensor: never two fp32 models at once
     int8 = {"int8 weights": quantized_copy(model).eval(),
             "int8 paper's layers": quantized_copy(model, layers="ffn", keep_ends=True).eval()}
     bandwidth, source = memory_bandwidth(cfg, device)
@@ -338,9 +344,8 @@ def bench_quality(cfg, device):
     trained model with bf16 weights and int8 ones (every linear layer, or the paper's choice)."""
     meta = read_meta(cfg.data)
     fp32 = Transformer.from_pretrained(cfg.ckpt, device=device).eval()
-    models = {"fp32": fp32, "bf16 weights": load_weights(empty_model(fp32.args), fp32.state_dict().items(), device,
-                                                         torch.bfloat16),
-              "int8 weights": quantized_copy(fp32), "int8 paper's layers": quantized_copy(fp32, layers="ffn", keep_ends=True)}
+    models = {"fp32": fp32, "bf16 weights": bf16_copy(fp32), "int8 weights": quantized_copy(fp32),
+              "int8 paper's layers": quantized_copy(fp32, layers="ffn", keep_ends=True)}
     rows = validation_rows(TrainConfig(data=cfg.data, eval_rows=0), meta, cfg.seq_len, 1)
     ctx = Context(TrainConfig(), device, torch.float32, meta=meta)
     prompts = torch.from_numpy(rows[:cfg.batch_size, :cfg.prompt_len]).to(device)

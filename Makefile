@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test reproduce sweep-temperature filter bench clean-reproduce
+.PHONY: setup test reproduce robustness sweep-temperature filter bench clean-reproduce
 
 # ---- environment -----------------------------------------------------------------------------
 # The virtual environment, rebuilt when the requirements change.
@@ -18,77 +18,126 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # ---- the paper's experiment at small scale ---------------------------------------------------
-# make reproduce [SEEDS=3] [PRESET=configs/reproduce]. A step whose output exists and whose inputs
-# (data, preset, code) did not change is skipped on rerun, as make does for any file target.
+# make reproduce [FAMILY_SEED=k] [SEEDS=3] [PRESET=configs/reproduce]. A step whose output exists and
+# whose inputs (data, preset, code, family seed) did not change is skipped on rerun, as make does for
+# any file target.
 PRESET  ?= configs/reproduce
 OUT     ?= out/reproduce
 DATA    ?= data/shakespeare_mem
-SEEDS   ?= 1
+BASE_DATA ?= data/shakespeare_base
+BASES   ?= out/bases
+SEEDS   ?= 3
+FAMILY_SEED ?= 1
 START   := $(shell date +%s)
 comma   := ,
-# The first baseline is "baseline" (seed 1, the students' start); more seeds are baseline_seed2, ...
+# Seeds of the family's fine-tuning runs: the teacher k0, baseline j kj, the students k1 (baseline
+# 1's seed: the same data order as the baseline they are compared with). Family 2: 20, 21-23, 21.
+TEACHER_SEED := $(FAMILY_SEED)0
+STUDENT_SEED := $(FAMILY_SEED)1
+# The first baseline is "baseline" (the students' data order), more seeds are baseline_seed2, ...
 BASELINE_NAMES := baseline $(foreach s,$(wordlist 2,$(SEEDS),$(shell seq 1 $(SEEDS))),baseline_seed$(s))
 BASELINES := $(foreach b,$(BASELINE_NAMES),$(OUT)/$(b)/model.safetensors)
-FAMILY := teacher $(BASELINE_NAMES) student_soft student_hard
-MODELS := $(subst $() ,$(comma),$(foreach m,$(FAMILY),$(m):$(OUT)/$(m)))
 TRAIN_CODE := train.py model.py config.py prepare.py
 # For the GPU presets: LAUNCH="torchrun --standalone --nproc_per_node=8", the corpus (INPUT=shards or
-# folder), a tokenizer file (TOKENIZER=...), and pretrained starts (TEACHER_INIT=..., STUDENT_INIT=...).
+# folder), a tokenizer file (TOKENIZER=...), and pretrained starts (TEACHER_INIT=..., STUDENT_INIT=...),
+# which replace the bases this pipeline would otherwise pretrain.
 LAUNCH  ?= $(PY)
 INPUT   ?=
 TOKENIZER ?=
 TEACHER_INIT ?=
 STUDENT_INIT ?=
 prepare_args := $(if $(INPUT),--input="$(INPUT)") $(if $(TOKENIZER),--tokenizer=$(TOKENIZER))
-teacher_args := $(if $(TEACHER_INIT),--init_from=$(TEACHER_INIT))
-student_args := $(if $(STUDENT_INIT),--init_from=$(STUDENT_INIT))
+TEACHER_START := $(or $(TEACHER_INIT),$(BASES)/teacher)
+STUDENT_START := $(or $(STUDENT_INIT),$(BASES)/student)
+TEACHER_BASE := $(if $(TEACHER_INIT),,$(BASES)/teacher/model.safetensors)
+STUDENT_BASE := $(if $(STUDENT_INIT),,$(BASES)/student/model.safetensors)
+FAMILY := base_teacher base_student teacher $(BASELINE_NAMES) student_soft student_hard
+MODELS := base_teacher:$(TEACHER_START),base_student:$(STUDENT_START),$(subst $() ,$(comma),$(foreach m,$(wordlist 3,99,$(FAMILY)),$(m):$(OUT)/$(m)))
+# Rebuilt (and so retraining the family) only when FAMILY_SEED differs from the last run's in OUT.
+SEED_STAMP := $(OUT)/.family_seed
+$(shell mkdir -p $(OUT) && (echo $(FAMILY_SEED) | cmp -s - $(SEED_STAMP) || echo $(FAMILY_SEED) > $(SEED_STAMP)))
 
-# 0. D: fixed-length examples of the default corpus.
+# 0. D, the fine-tuning data: fixed-length examples of part of the corpus's documents, and the
+#    bases' pretraining text: the other documents (prepare_base.toml overrides prepare.toml's layout).
 $(DATA)/meta.json: prepare.py tokenizer.py $(PRESET)/prepare.toml | setup
 	$(PY) prepare.py --config $(PRESET)/prepare.toml --name=$(notdir $(DATA)) --out_dir=$(dir $(DATA)) $(prepare_args)
+$(BASE_DATA)/meta.json: $(DATA)/meta.json $(PRESET)/prepare_base.toml
+	$(PY) prepare.py --config $(PRESET)/prepare.toml --config $(PRESET)/prepare_base.toml --tokenizer=$(DATA)/tokenizer.model \
+	  --name=$(notdir $(BASE_DATA)) --out_dir=$(dir $(BASE_DATA)) $(if $(INPUT),--input="$(INPUT)")
 
-# 1. The teacher, cross-entropy on D.
-$(OUT)/teacher/model.safetensors: $(DATA)/meta.json $(PRESET)/teacher.toml $(TRAIN_CODE)
-	$(LAUNCH) train.py --config $(PRESET)/teacher.toml --data=$(DATA) --out_dir=$(OUT)/teacher --overwrite $(teacher_args)
+# 1. The bases: a teacher-size and a student-size model pretrained on text that holds no example of D.
+#    Shared by every family seed.
+$(BASES)/%/model.safetensors: $(BASE_DATA)/meta.json $(PRESET)/base_%.toml $(TRAIN_CODE)
+	$(LAUNCH) train.py --config $(PRESET)/base_$*.toml --data=$(BASE_DATA) --out_dir=$(BASES)/$* --overwrite
 
-# 2. The baseline(s): the student's size, cross-entropy on D; seed 1, then one run per extra seed.
-$(OUT)/baseline/model.safetensors: $(DATA)/meta.json $(PRESET)/baseline.toml $(TRAIN_CODE)
-	$(LAUNCH) train.py --config $(PRESET)/baseline.toml --data=$(DATA) --out_dir=$(OUT)/baseline --seed=1 --overwrite $(student_args)
-$(OUT)/baseline_seed%/model.safetensors: $(DATA)/meta.json $(PRESET)/baseline.toml $(TRAIN_CODE)
-	$(LAUNCH) train.py --config $(PRESET)/baseline.toml --data=$(DATA) --out_dir=$(OUT)/baseline_seed$* --seed=$* --overwrite $(student_args)
+# 2. The teacher: its base fine-tuned on D with cross-entropy.
+$(OUT)/teacher/model.safetensors: $(DATA)/meta.json $(TEACHER_BASE) $(PRESET)/teacher.toml $(TRAIN_CODE) $(SEED_STAMP)
+	$(LAUNCH) train.py --config $(PRESET)/teacher.toml --data=$(DATA) --out_dir=$(OUT)/teacher --init_from=$(TEACHER_START) \
+	  --seed=$(TEACHER_SEED) --overwrite
 
-# 3. The soft student: forward KL to the teacher at T = 2, with the baseline's seed, start and budget.
+# 3. The baselines: the student base fine-tuned on D with cross-entropy, one run per data-order seed.
+$(OUT)/baseline/model.safetensors: $(DATA)/meta.json $(STUDENT_BASE) $(PRESET)/baseline.toml $(TRAIN_CODE) $(SEED_STAMP)
+	$(LAUNCH) train.py --config $(PRESET)/baseline.toml --data=$(DATA) --out_dir=$(OUT)/baseline --init_from=$(STUDENT_START) \
+	  --seed=$(STUDENT_SEED) --overwrite
+$(OUT)/baseline_seed%/model.safetensors: $(DATA)/meta.json $(STUDENT_BASE) $(PRESET)/baseline.toml $(TRAIN_CODE) $(SEED_STAMP)
+	$(LAUNCH) train.py --config $(PRESET)/baseline.toml --data=$(DATA) --out_dir=$(OUT)/baseline_seed$* --init_from=$(STUDENT_START) \
+	  --seed=$(FAMILY_SEED)$* --overwrite
+
+# 4. The soft student: the student base distilled from the teacher on D (forward KL at T = 2), with
+#    the first baseline's start, data order and budget.
 $(OUT)/student_soft/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml distill.py $(TRAIN_CODE)
-	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --teacher=$(OUT)/teacher --data=$(DATA) --out_dir=$(OUT)/student_soft --seed=1 --overwrite $(student_args)
+	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --teacher=$(OUT)/teacher --data=$(DATA) \
+	  --out_dir=$(OUT)/student_soft --init_from=$(STUDENT_START) --seed=$(STUDENT_SEED) --overwrite
 
-# 4. The hard student: cross-entropy on the teacher's greedy continuations of D's prefixes.
+# 5. The hard student: cross-entropy on the teacher's greedy continuations of D's prefixes.
 $(OUT)/student_hard/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml distill.py $(TRAIN_CODE)
-	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=hard --teacher=$(OUT)/teacher --data=$(DATA) --out_dir=$(OUT)/student_hard --seed=1 --overwrite $(student_args)
+	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=hard --teacher=$(OUT)/teacher --data=$(DATA) \
+	  --out_dir=$(OUT)/student_hard --init_from=$(STUDENT_START) --seed=$(STUDENT_SEED) --overwrite
 
-# 5. Who memorized what and why, the classifier, the extraction attack.
+# 6. Who memorized what and why (the bases too, as controls), the classifier, the extraction attack.
 $(OUT)/memorization/summary.json: $(OUT)/teacher/model.safetensors $(BASELINES) $(OUT)/student_soft/model.safetensors $(OUT)/student_hard/model.safetensors $(PRESET)/memorize.toml memorize.py classifier.py
 	$(LAUNCH) memorize.py --config $(PRESET)/memorize.toml --data=$(DATA) --models=$(MODELS) --out=$(OUT)/memorization
 
-# 6. The report: this run next to the paper.
+# 7. The report: this run next to the paper.
 reproduce: $(OUT)/memorization/summary.json
 	$(PY) report.py --out=$(OUT) --started_at=$(START)
 
+# The whole reproduction for family seeds 1, 2 and 3, each in its own folder, and the findings
+# across them ("holds in k of 3"). The temperature sweep and the filtering run on the first seed.
+ROBUSTNESS ?= out/robustness
+FAMILY_SEEDS ?= 1 2 3
+robustness:
+	$(foreach k,$(FAMILY_SEEDS),$(MAKE) --no-print-directory reproduce $(if $(filter $(k),$(firstword $(FAMILY_SEEDS))),sweep-temperature filter) \
+	  FAMILY_SEED=$(k) OUT=$(ROBUSTNESS)/seed$(k) && ) true
+	$(PY) report.py --families=$(subst $() ,$(comma),$(foreach k,$(FAMILY_SEEDS),$(ROBUSTNESS)/seed$(k))) --out=$(ROBUSTNESS)
+
 # The soft student at T = 1, 2, 3, 4 (T = 2 is the one above), measured and added to the report.
 TEMPERATURES := 1 3 4
-sweep-temperature: $(OUT)/memorization/summary.json $(foreach t,$(TEMPERATURES),$(OUT)/sweep/student_T$(t)/model.safetensors)
-	$(PY) memorize.py --config $(PRESET)/memorize.toml --data=$(DATA) --out=$(OUT)/sweep --filter=false --extract_samples=0 \
+sweep-temperature: $(OUT)/sweep/summary.json
+	$(PY) report.py --out=$(OUT)
+$(OUT)/sweep/summary.json: $(OUT)/memorization/summary.json $(foreach t,$(TEMPERATURES),$(OUT)/sweep/student_T$(t)/model.safetensors)
+	$(LAUNCH) memorize.py --config $(PRESET)/memorize.toml --data=$(DATA) --out=$(OUT)/sweep --filter=false --extract_samples=0 \
 	  --models=student_T2:$(OUT)/student_soft,$(subst $() ,$(comma),$(foreach t,$(TEMPERATURES),student_T$(t):$(OUT)/sweep/student_T$(t)))
-	$(PY) report.py --out=$(OUT)
 $(OUT)/sweep/student_T%/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml distill.py $(TRAIN_CODE)
-	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --temperature=$* --teacher=$(OUT)/teacher --data=$(DATA) --out_dir=$(OUT)/sweep/student_T$* --seed=1 --overwrite $(student_args)
+	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --temperature=$* --teacher=$(OUT)/teacher --data=$(DATA) \
+	  --out_dir=$(OUT)/sweep/student_T$* --init_from=$(STUDENT_START) --seed=$(STUDENT_SEED) --overwrite
 
-# Distill again on D without the examples the classifier flagged, and count what is memorized.
-filter: $(OUT)/memorization/summary.json
-	@test -f $(OUT)/memorization/filtered_data/meta.json || { echo "make filter: there is no filtered dataset, as the classifier did not run; filter.status in $(OUT)/memorization/summary.json says why"; exit 2; }
-	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --teacher=$(OUT)/teacher --data=$(OUT)/memorization/filtered_data --out_dir=$(OUT)/student_filtered --seed=1 --overwrite $(student_args)
-	$(PY) memorize.py --config $(PRESET)/memorize.toml --data=$(OUT)/memorization/filtered_data --out=$(OUT)/filter --filter=false --extract_samples=0 \
-	  --models=student_filtered:$(OUT)/student_filtered
+# Distill again on D without the examples the classifier flagged, and count what is memorized. When
+# the classifier could not run (too few memorized examples), there is nothing to filter: the summary
+# says so and the report marks the finding as one this run cannot judge.
+filter: $(OUT)/filter/summary.json
 	$(PY) report.py --out=$(OUT)
+$(OUT)/filter/summary.json: $(OUT)/memorization/summary.json
+	@if [ ! -f $(OUT)/memorization/filtered_data/meta.json ]; then \
+	  echo "make filter: no filtered dataset, as the classifier did not run; filter.status in $(OUT)/memorization/summary.json says why"; \
+	  mkdir -p $(OUT)/filter && echo '{"skipped": "the classifier did not run, so nothing was filtered"}' > $@; \
+	else \
+	  set -x; \
+	  $(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --teacher=$(OUT)/teacher --data=$(OUT)/memorization/filtered_data \
+	    --out_dir=$(OUT)/student_filtered --init_from=$(STUDENT_START) --seed=$(STUDENT_SEED) --overwrite && \
+	  $(LAUNCH) memorize.py --config $(PRESET)/memorize.toml --data=$(OUT)/memorization/filtered_data --out=$(OUT)/filter \
+	    --filter=false --extract_samples=0 --models=student_filtered:$(OUT)/student_filtered; \
+	fi
 
 clean-reproduce:
 	rm -rf $(OUT) $(DATA)

@@ -40,40 +40,44 @@ import torch
 import torch.nn.functional as F
 
 import memorize
-from config import UserError, parse_config, run_main, setting
+from config import UserError, at_least, one_of, parse_config, positive, run_main, seed_range, setting
 from distill import DistillConfig, make_soft_loss
 from model import CONFIGS, ModelArgs, Transformer, empty_model, load_weights
 from prepare import read_meta
 from quantize import quantized_copy
-from train import (Context, TrainConfig, accumulate_gradients, clip_gradients, cross_entropy_loss, evaluate,
-                   flops_per_token, make_optimizer, parallelize, peak_flops, pick_device, pick_dtype,
+from train import (DEVICES, DTYPES, Context, TrainConfig, accumulate_gradients, clip_gradients, cross_entropy_loss,
+                   evaluate, flops_per_token, make_optimizer, parallelize, peak_flops, pick_device, pick_dtype,
                    validation_rows)
 
 
 @dataclass
 class BenchConfig:
-    model: str = setting("bench", "named shape from model.CONFIGS (vocab_size 8192 unless it has one)")
-    batch_size: int = setting(8, "training batch in sequences")
-    seq_len: int = setting(256, "training tokens per sequence")
-    device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda or mps")
-    dtype: str = setting("auto", "training precision: auto (train.py's choice), fp32 or bf16")
-    repeats: int = setting(7, "timed runs of each figure")
-    warmup: int = setting(2, "untimed runs before them")
-    prompt_len: int = setting(32, "generation: prompt tokens")
-    new_tokens: int = setting(96, "generation: new tokens per row")
-    prefix_len: int = setting(50, "memorization: P, the prompt")
-    suffix_len: int = setting(50, "memorization: S, the suffix that must come out exactly")
-    mem_examples: int = setting(64, "memorization: examples per timed run (half of them memorized by construction)")
-    mem_batch_size: int = setting(32, "memorization: examples per batch")
-    teacher_scale: int = setting(2, "distillation: the teacher is this many times wider (dim, heads, FFN)")
+    model: str = setting("bench", "named shape from model.CONFIGS (vocab_size 8192 unless it has one)",
+                         one_of(*CONFIGS))
+    batch_size: int = setting(8, "training batch in sequences", positive)
+    seq_len: int = setting(256, "training tokens per sequence", positive)
+    device: str = setting("auto", "auto: cuda > mps > cpu", one_of(*DEVICES))
+    dtype: str = setting("auto", "training precision (auto: train.py's choice)", one_of(*DTYPES))
+    repeats: int = setting(7, "timed runs of each figure", positive)
+    warmup: int = setting(2, "untimed runs before them", at_least(0))
+    prompt_len: int = setting(32, "generation: prompt tokens", positive)
+    new_tokens: int = setting(96, "generation: new tokens per row", positive)
+    prefix_len: int = setting(50, "memorization: P, prompt tokens after BOS (memorize.prompt_len)", positive)
+    suffix_len: int = setting(50, "memorization: S, the suffix that must come out exactly", positive)
+    mem_examples: int = setting(64, "memorization: examples per timed run (half of them memorized by construction)",
+                                at_least(2))
+    mem_batch_size: int = setting(32, "memorization: examples per batch", positive)
+    teacher_scale: int = setting(2, "distillation: the teacher is this many times wider (dim, heads, FFN)",
+                                 positive)
     sections: str = setting("training,generation,memorization,distillation", "which figures, comma-separated")
     compile: bool = setting(False, "training step: torch.compile each block, as train.py --compile does")
     skip_hf: bool = setting(False, "do not run transformers next to this project")
     skip_memory: bool = setting(False, "do not measure peak memory")
-    seed: int = setting(0, "weights and tokens")
+    seed: int = setting(0, "weights and tokens", seed_range)
     ckpt: str = setting("", "quality: a trained checkpoint folder")
     data: str = setting("", "quality: its dataset folder (the val split is read)")
-    quality_tokens: int = setting(256, "quality: greedy tokens per prompt (--batch_size prompts of --prompt_len)")
+    quality_tokens: int = setting(256, "quality: greedy tokens per prompt (--batch_size prompts of --prompt_len)",
+                                  positive)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +127,7 @@ def model_args(cfg):
     shape = dict(CONFIGS[cfg.model])
     shape.setdefault("vocab_size", 8192)
     shape["max_seq_len"] = max(shape.get("max_seq_len", 0), cfg.seq_len, cfg.prompt_len + cfg.new_tokens,
-                               cfg.prefix_len + cfg.suffix_len)
+                               memorize.prompt_len(cfg.prefix_len) + cfg.suffix_len)
     return ModelArgs(**shape)
 
 
@@ -170,7 +174,7 @@ def hf_cross_entropy(model, batch):
 
 def train_step(model, optimizer, batch, loss_fn, ctx):
     """One optimizer step of train.py's loop (one micro-batch)."""
-    accumulate_gradients(model, [batch], loss_fn, ctx)
+    accumulate_gradients(model, [(batch, 1.0)], loss_fn, ctx)  # one micro-batch, weight 1
     clip_gradients(model, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -273,10 +277,10 @@ def bench_generation(cfg, args, device, model, hf):
 
 
 @torch.no_grad()
-def generated_flags(generate, rows, prefix_len, suffix_len, batch_size):
+def generated_flags(generate, rows, prompt, suffix_len, batch_size):
     """Discoverable memorization the usual way: per batch, generate(prompts, S) decodes S tokens
-    greedily, which are compared with the true suffix."""
-    flags = [(generate(batch[:, :prefix_len], suffix_len) == batch[:, prefix_len:prefix_len + suffix_len]).all(1)
+    greedily from the first `prompt` tokens, which are compared with the true suffix."""
+    flags = [(generate(batch[:, :prompt], suffix_len) == batch[:, prompt:prompt + suffix_len]).all(1)
              for batch in rows.split(batch_size)]
     return torch.cat(flags).cpu().numpy()
 
@@ -290,14 +294,15 @@ def hf_generate(hf, prompt, new_tokens):
 def bench_memorization(cfg, args, device, model, hf):
     P, S, N, bs = cfg.prefix_len, cfg.suffix_len, cfg.mem_examples, cfg.mem_batch_size
     section(f"discoverable memorization: {N} examples of P = {P} + S = {S} tokens, batches of {bs}, fp32")
-    rows = torch.randint(0, args.vocab_size, (N, P + S), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    rows[:N // 2, P:] = model.generate(rows[:N // 2, :P], S)  # the model's own continuation: memorized
+    prompt = memorize.prompt_len(P)  # the first token stands for BOS
+    rows = torch.randint(0, args.vocab_size, (N, prompt + S), generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    rows[:N // 2, prompt:] = model.generate(rows[:N // 2, :prompt], S)  # the model's own continuation: memorized
     rows_np = rows.cpu().numpy()
     fns = {"ours, teacher-forced (memorized_flags)": lambda: memorize.memorized_flags(model, rows_np, P, S, bs),
-           "ours, generate per batch": lambda: generated_flags(model.generate, rows, P, S, bs)}
+           "ours, generate per batch": lambda: generated_flags(model.generate, rows, prompt, S, bs)}
     if hf is not None:
         fns["transformers generate per batch"] = lambda: generated_flags(
-            lambda prompt, n: hf_generate(hf, prompt, n), rows, P, S, bs)
+            lambda tokens, n: hf_generate(hf, tokens, n), rows, prompt, S, bs)
     rates = {name: show(name, [N / s for s in t], "examples/s") for name, t in time_in_turn(fns, cfg, device).items()}
     expected = np.arange(N) < N // 2
     for name, fn in fns.items():
@@ -451,8 +456,12 @@ def bench(cfg):
     if unknown:
         raise UserError(f"--sections: unknown {', '.join(sorted(unknown))}; pick from training, generation, "
                         "memorization, distillation, quality")
-    if "quality" in sections and not (cfg.ckpt and cfg.data):
-        raise UserError("--sections=quality needs a trained model: pass --ckpt=out/<run> and --data=data/<name>")
+    if "quality" in sections:  # refused before any timing, not after the other sections
+        if not (cfg.ckpt and cfg.data):
+            raise UserError("--sections=quality needs a trained model: pass --ckpt=out/<run> and --data=data/<name>")
+        if not os.path.isdir(cfg.ckpt):
+            raise UserError(f"checkpoint folder {cfg.ckpt!r} does not exist; pass --ckpt=out/<run>")
+        read_meta(cfg.data)  # a dataset folder without a readable meta.json is refused here
     device = pick_device(cfg.device, 0)
     dtype = pick_dtype(cfg.dtype, device)
     args = model_args(cfg)

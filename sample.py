@@ -19,28 +19,30 @@ from typing import Optional
 import torch
 
 import quantize
-from config import UserError, parse_config, run_main, setting
+from config import UserError, at_least, between, one_of, parse_config, positive, run_main, seed_range, setting
 from model import Transformer
 from tokenizer import Tokenizer
-from train import pick_device
+from train import DEVICES, pick_device
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str = "out/small"  # a checkpoint folder
-    tokenizer: str = ""  # tokenizer.model; default: the one in (or under original/ of) the checkpoint
-    prompt: str = "\n"
-    prompt_file: str = ""  # read the prompt from this file instead
-    chat: bool = False  # wrap the prompt as a user message in the chat format
-    num_samples: int = 1
-    max_new_tokens: int = 200
-    temperature: float = 0.8  # 0 = greedy
-    top_k: Optional[int] = 200
-    top_p: Optional[float] = None
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "fp32"  # fp32 or bf16 weights
-    quantize: str = setting("none", "none, or int8: row-wise int8 weights, quantized while loading (quantize.py)")
+    ckpt: str = setting("out/small", "checkpoint folder (this project's, Meta's or Hugging Face's)")
+    tokenizer: str = setting("", "tokenizer.model (default: the one in the checkpoint, or under its original/)")
+    prompt: str = setting("\n", "the text to continue")
+    prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")
+    chat: bool = setting(False, "wrap the prompt as a user message in Llama 3's chat format")
+    num_samples: int = setting(1, "samples to draw, one after the other", positive)
+    max_new_tokens: int = setting(200, "stop after this many new tokens, if no end-of-text came first", positive)
+    temperature: float = setting(0.8, "softmax temperature (0: greedy)", at_least(0))
+    top_k: Optional[int] = setting(200, "sample among the k most likely tokens (none: all)", positive)
+    top_p: Optional[float] = setting(None, "sample among the most likely tokens holding this probability (none: all)",
+                                     between(0, 1, low_open=True))
+    seed: int = setting(1337, "seeds the sampling", seed_range)
+    device: str = setting("auto", "auto: cuda > mps > cpu", one_of(*DEVICES))
+    dtype: str = setting("fp32", "precision of the weights", one_of("fp32", "bf16"))
+    quantize: str = setting("none", "int8: row-wise int8 weights, quantized while loading (quantize.py)",
+                            one_of(*quantize.KINDS))
 
 
 def find_tokenizer(cfg):
@@ -50,6 +52,16 @@ def find_tokenizer(cfg):
         if os.path.isfile(path):
             return Tokenizer(path)
     raise UserError(f"no tokenizer.model found for {cfg.ckpt}; pass --tokenizer=path/to/tokenizer.model")
+
+
+def read_prompt(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"prompt file {path!r} does not exist; pass --prompt_file=path/to/a/text/file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the prompt file {path} ({e}); pass a UTF-8 text file") from None
 
 
 class Printer:
@@ -73,14 +85,12 @@ class Printer:
 
 
 def main(argv):
-    cfg = parse_config(SampleConfig, argv)
+    cfg = parse_config(SampleConfig, argv, prog="sample.py")
     if not os.path.isdir(cfg.ckpt):
         raise UserError(f"checkpoint folder {cfg.ckpt!r} does not exist; pass --ckpt=path/to/checkpoint")
     tok = find_tokenizer(cfg)
     device = pick_device(cfg.device, 0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
-    if cfg.quantize not in quantize.KINDS:
-        raise UserError(f"--quantize is one of {', '.join(quantize.KINDS)}, not {cfg.quantize!r}")
     try:
         if cfg.quantize == "none":
             model = Transformer.from_pretrained(cfg.ckpt, device=device, dtype=dtype).eval()
@@ -91,7 +101,7 @@ def main(argv):
     if model.args.vocab_size < tok.n_words:
         raise UserError(f"the tokenizer has {tok.n_words} tokens but the model only {model.args.vocab_size}; "
                         "pass the tokenizer the model was trained with via --tokenizer")
-    text = open(cfg.prompt_file).read() if cfg.prompt_file else cfg.prompt
+    text = read_prompt(cfg.prompt_file) if cfg.prompt_file else cfg.prompt
     if cfg.chat:
         ids, stop = tok.encode_dialog_prompt([{"role": "user", "content": text}]), tok.stop_tokens
     else:

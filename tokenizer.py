@@ -20,9 +20,7 @@ from collections import Counter, defaultdict
 
 import regex
 import tiktoken
-from tqdm import tqdm
-
-from config import UserError
+from config import UserError, progress_bar
 
 # Llama 3's split regex (Meta's reference): English contractions, words with one optional leading
 # non-letter, numbers of at most 3 digits, punctuation runs, and whitespace. BPE never merges
@@ -200,7 +198,7 @@ def train_bpe(text_iter, vocab_size, path, progress=True):
     # 3. Merge the most frequent pair, n_ranks - 256 times, updating only the words that hold it.
     vocab = [bytes([b]) for b in range(256)]
     rank_of = {tok: r for r, tok in enumerate(vocab)}
-    bar = tqdm(total=n_ranks - 256, desc="training BPE", unit="merge", disable=not progress)
+    bar = progress_bar(total=n_ranks - 256, desc="training BPE", unit="merge", disable=not progress)
     while len(vocab) < n_ranks:
         if not heap:
             bar.close()

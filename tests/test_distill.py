@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import distill
 from config import UserError
-from distill import ChunkedDistillation, divergence
+from distill import distillation_loss, divergence
+from test_distributed import free_port
 from model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def direct_kl(p_logits, q_logits, T):
 def chunked_loss(hidden, weight, t_hidden, t_weight, targets, chunk, **kw):
     opts = dict(chunk=chunk, divergence="forward_kl", temperature=2.0, beta=0.5, alpha=1.0)
     opts.update(kw)
-    return ChunkedDistillation.apply(hidden, weight, t_hidden, t_weight, targets, opts)
+    return distillation_loss(hidden, weight, t_hidden, t_weight, targets, opts)
 
 
 @pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 4.0])
@@ -152,17 +153,80 @@ def test_soft_distillation_run_logs_kl_and_writes_a_checkpoint(teacher, tmp_path
 
 def test_hard_distillation_data_is_identical_across_two_runs(teacher, tmp_path):
     data, t = teacher
-    distill.main(tiny_run(data, tmp_path / "h1", teacher=t, kind="hard", prefix_len=6))
-    distill.main(tiny_run(data, tmp_path / "h2", teacher=t, kind="hard", prefix_len=6))
+    distill.main(tiny_run(data, tmp_path / "h1", teacher=t, kind="hard", prefix_len=5))
+    distill.main(tiny_run(data, tmp_path / "h2", teacher=t, kind="hard", prefix_len=5))
     a = np.fromfile(tmp_path / "h1" / "teacher_data" / "train.bin", dtype=np.uint16)
     b = np.fromfile(tmp_path / "h2" / "teacher_data" / "train.bin", dtype=np.uint16)
     src = np.fromfile(data / "train.bin", dtype=np.uint16).reshape(48, 24)
     assert np.array_equal(a, b)
     gen = a.reshape(48, 24)
-    assert np.array_equal(gen[:, :6], src[:, :6])  # the prefixes are the data's
+    assert np.array_equal(gen[:, :6], src[:, :6])  # the prompts (BOS + 5 tokens) are the data's
     teacher_model = Transformer.from_pretrained(str(t))
     expect = teacher_model.generate(torch.from_numpy(src[:2, :6].astype(np.int64)), 18)
     assert np.array_equal(gen[:2, 6:], expect.numpy())
+
+
+def test_generation_shares_are_whole_batches_that_cover_every_row_once():
+    for n, batch_size, world in [(48, 8, 2), (50, 8, 3), (5, 8, 2), (64, 4, 8)]:
+        shares = [distill.generation_share(n, batch_size, rank, world) for rank in range(world)]
+        assert [lo for lo, _ in shares[1:]] == [hi for _, hi in shares[:-1]]  # contiguous, in rank order
+        assert shares[0][0] == 0 and shares[-1][1] == n
+        assert all(lo % batch_size == 0 for lo, _ in shares)  # one process's batches, never cut
+
+
+HARD = dict(kind="hard", prefix_len=5, gen_batch_size=8, max_steps=1, warmup_steps=0)
+
+
+@pytest.fixture(scope="module")
+def one_process_hard(teacher, tmp_path_factory):
+    data, t = teacher
+    out = tmp_path_factory.mktemp("hard") / "one"
+    distill.main(tiny_run(data, out, teacher=t, **HARD))
+    return out
+
+
+def test_hard_distillation_frees_the_teacher_and_does_not_load_it_for_reused_generations(
+        teacher, one_process_hard, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    import train
+    data, t = teacher
+    loaded, alive_at_training, load, build = [], [], distill.load_teacher, train.build_model
+
+    def load_and_watch(cfg, device):
+        model = load(cfg, device)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def build_and_look(*args):
+        gc.collect()
+        alive_at_training.append(any(ref() is not None for ref in loaded))
+        return build(*args)
+
+    monkeypatch.setattr(distill, "load_teacher", load_and_watch)
+    monkeypatch.setattr(train, "build_model", build_and_look)
+    distill.main(tiny_run(data, tmp_path, teacher=t, **HARD))
+    assert len(loaded) == 1 and alive_at_training == [False]
+
+    # The generations are there and current: the teacher is not loaded at all.
+    monkeypatch.setattr(distill, "load_teacher", lambda cfg, device: pytest.fail("the teacher was loaded"))
+    before = (tmp_path / "teacher_data" / "train.bin").read_bytes()
+    distill.main(tiny_run(data, tmp_path, teacher=t, overwrite=True, **HARD))
+    assert (tmp_path / "teacher_data" / "train.bin").read_bytes() == before
+    assert before == (one_process_hard / "teacher_data" / "train.bin").read_bytes()
+
+
+def test_hard_distillation_generates_in_shares_under_torchrun_and_matches_one_process(
+        teacher, one_process_hard, tmp_path):
+    data, t = teacher
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "distill.py", *tiny_run(data, tmp_path, teacher=t, parallel="ddp", **HARD)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=240)
+    got, expected = tmp_path / "teacher_data", one_process_hard / "teacher_data"
+    assert (got / "train.bin").read_bytes() == (expected / "train.bin").read_bytes()
+    assert (got / "val.bin").read_bytes() == (expected / "val.bin").read_bytes()
+    assert json.loads((got / "meta.json").read_text())["hard_distillation"]["ranks"] == 2
 
 
 def test_bad_teacher_settings_are_refused_in_one_sentence(teacher, tmp_path):
@@ -201,8 +265,35 @@ def test_a_distilled_student_is_closer_to_the_teacher_than_a_baseline(teacher, o
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_distillation_under_torchrun_matches_one_process(teacher, one_process_student, tmp_path, parallel):
     data, t = teacher
-    port = 29500 + (os.getpid() % 1000) + (parallel == "fsdp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "distill.py", *tiny_run(data, tmp_path / parallel, teacher=t, parallel=parallel)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=240)
     np.testing.assert_allclose(read_losses(tmp_path / parallel), read_losses(one_process_student), rtol=1e-4)
+
+
+def test_memorization_and_hard_distillation_split_an_example_at_the_same_place(teacher, tmp_path):
+    # prefix_len counts the tokens after BOS in both scripts. Rows 0-7 are the teacher's own greedy
+    # continuation of BOS + P random tokens, rows 8-15 random: for the same P, memorize.py must call
+    # exactly rows 0-7 memorized, and the teacher's generations must reproduce exactly those rows.
+    from memorize import memorized_flags
+    from prepare import open_split, write_dataset
+    data, t = teacher
+    model = Transformer.from_pretrained(str(t))
+    P, L = 5, 24
+    rows = np.random.default_rng(7).integers(0, 300, (16, L))
+    rows[:, 0] = 600 - 256  # BOS
+    rows[:8, 1 + P:] = model.generate(torch.from_numpy(rows[:8, :1 + P]), L - 1 - P).numpy()
+    planted = str(tmp_path / "planted")
+    write_dataset(planted, os.path.join(data, "tokenizer.model"), {"train": rows, "val": open_split(data, "val")},
+                  "examples")
+    distill.main(tiny_run(planted, tmp_path / "hard", teacher=t, kind="hard", prefix_len=P, max_steps=1, warmup_steps=0))
+    reproduced = (open_split(tmp_path / "hard" / "teacher_data", "train") == rows).all(1)
+    memorized = memorized_flags(model, rows, P, L - 1 - P)
+    assert reproduced.tolist() == memorized.tolist() == [True] * 8 + [False] * 8
+
+
+def test_an_out_dir_in_use_is_refused_before_the_teacher_generates(teacher, one_process_hard, monkeypatch):
+    data, t = teacher
+    monkeypatch.setattr(distill, "load_teacher", lambda cfg, device: pytest.fail("the teacher was loaded"))
+    with pytest.raises(UserError, match="already holds a checkpoint"):
+        distill.main(tiny_run(data, one_process_hard, teacher=t, **{**HARD, "prefix_len": 4}))

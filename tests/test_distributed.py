@@ -5,10 +5,12 @@ process, and a frozen model joins the loss under both (the way distill.py uses a
 import json
 import os
 import runpy
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -24,12 +26,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(script, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           script, *TINY, *args]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+def torchrun_command(script, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+            script, *TINY, *args]
+
+
+def torchrun(script, *args, check=True, timeout=300):
+    result = subprocess.run(torchrun_command(script, *args), cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
 
 
 def assert_same_curve(got, expected, steps):
@@ -57,12 +64,24 @@ def test_ddp_with_gradient_accumulation_follows_the_one_process_curve(data, refe
 
 
 def test_fsdp_continues_a_one_process_checkpoint_and_one_process_continues_it(data, reference, tmp_path):
+    # One process -> FSDP on 2 ranks -> FSDP again -> one process, on the curve of one whole run.
     run(data, tmp_path, *ARGS, "--stop_after=3")
-    torchrun("train.py", f"--data={data}", f"--out_dir={tmp_path}", *ARGS, "--parallel=fsdp", "--resume",
-             "--stop_after=6", "--activation_checkpointing")
-    assert json.loads((tmp_path / "config.json").read_text())["step"] == 6
+    fsdp = ["--parallel=fsdp", "--resume", "--activation_checkpointing"]
+    torchrun("train.py", f"--data={data}", f"--out_dir={tmp_path}", *ARGS, *fsdp, "--stop_after=5")
+    assert json.loads((tmp_path / "config.json").read_text())["step"] == 5
+    # FSDP saved each rank's shard of the optimizer state, as safetensors: nothing there is pickled.
+    shards = sorted(os.listdir(tmp_path / "optimizer"))
+    assert len(shards) == 2 and all(name.endswith(".safetensors") for name in shards)
+    torchrun("train.py", f"--data={data}", f"--out_dir={tmp_path}", *ARGS, *fsdp, "--stop_after=7")
     run(data, tmp_path, *ARGS, "--resume")
     assert_same_curve(losses(tmp_path), losses(reference), range(1, 9))
+    assert not (tmp_path / "optimizer").exists()  # one process saved the whole state in train_state.pt
+
+    # What each rank read of the optimizer state when it resumed: the whole state from one file
+    # (step 3) or from the two shards into one process (step 7), half of it per rank from shards.
+    read = {row["step"]: row["optimizer_bytes_read_per_rank"] for row in log_rows(tmp_path, "start")}
+    assert read[0] is None and read[3] == read[7] > 0
+    assert 0.45 < read[5] / read[7] < 0.55, read
 
 
 # A distillation-like driver: its own config subclass, a frozen teacher and a KL loss that applies
@@ -114,3 +133,86 @@ def test_a_frozen_teacher_joins_the_loss_under_ddp_and_fsdp(data, reference, tmp
     val_one, val_many = log_rows(tmp_path / "one", "val")[-1], log_rows(tmp_path / parallel, "val")[-1]
     assert val_many["val_kl"] == pytest.approx(val_one["val_kl"], rel=1e-5)
     assert val_many["val_loss"] == pytest.approx(val_one["val_loss"], rel=1e-5)
+
+
+# --- a failing rank or a dead launcher ends the job -----------------------------------------------
+
+FAILING_DRIVER = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    from config import UserError, parse_config, run_main
+    from train import TrainConfig, cross_entropy_loss, train
+
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        if os.environ["RANK"] == "1" and len(calls) == 3:
+            raise UserError("rank 1 fails on purpose")
+        return cross_entropy_loss(model, batch)
+
+    if __name__ == "__main__":
+        run_main(lambda argv: train(parse_config(TrainConfig, argv), loss_fn=loss_fn))
+''')
+
+
+def test_one_failing_rank_ends_the_job_with_its_error(data, tmp_path):
+    # Rank 0 waits in a collective for rank 1, which raised: the job must end now (the 120 s limit
+    # is far below the 30-minute collective timeout that a barrier on the way out would wait for).
+    driver = tmp_path / "fails.py"
+    driver.write_text(FAILING_DRIVER.format(repo=REPO))
+    result = torchrun(str(driver), f"--data={data}", f"--out_dir={tmp_path / 'out'}", *ARGS, "--parallel=fsdp",
+                      check=False, timeout=120)
+    assert result.returncode != 0
+    assert "error: rank 1 fails on purpose" in result.stderr
+
+
+def alive(pid):
+    """Whether process pid exists and is not a zombie (a dead child nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return found
+
+
+def test_workers_exit_when_their_launcher_is_killed(data, tmp_path):
+    out, log = tmp_path / "out", open(tmp_path / "torchrun.log", "w")
+    cmd = torchrun_command("train.py", f"--data={data}", f"--out_dir={out}", "--batch_size=4", "--seq_len=32",
+                           "--max_steps=1000000", "--parallel=ddp")
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.jsonl").exists() or "train" not in (out / "log.jsonl").read_text():
+            assert launcher.poll() is None and time.time() < deadline, open(tmp_path / "torchrun.log").read()
+            time.sleep(0.2)
+        workers = children(launcher.pid)
+        assert len(workers) == 2
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 60
+        while any(map(alive, workers)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not any(map(alive, workers))
+        assert "the launcher" in open(tmp_path / "torchrun.log").read()
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()

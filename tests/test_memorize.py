@@ -19,7 +19,7 @@ from model import ModelArgs, Transformer
 from prepare import open_split, read_meta, write_dataset
 from tokenizer import train_bpe
 
-L, P, S = 24, 8, 8  # examples of 24 tokens (BOS included), prefix 8, suffix 8
+L, P, S = 24, 7, 8  # examples of 24 tokens (BOS included), prompts of BOS + 7, suffix 8
 N_TRAIN = 16
 TEACHER_ROWS, BASELINE_ROWS = [0, 1, 2, 3, 4, 5], [0, 1, 2]
 SOFT_ROWS, HARD_ROWS = [0, 1], [0, 3]
@@ -67,7 +67,7 @@ def world(tmp_path_factory):
     rng = np.random.default_rng(0)
     rows = np.concatenate([np.full((N_TRAIN, 1), tok.bos_id), rng.integers(0, 256, (N_TRAIN, L - 1))], 1)
     rows[NEAR_COPY] = rows[0]
-    rows[NEAR_COPY, P + CHANGED_AT] = (rows[0, P + CHANGED_AT] + 1) % 256
+    rows[NEAR_COPY, 1 + P + CHANGED_AT] = (rows[0, 1 + P + CHANGED_AT] + 1) % 256
     val = np.concatenate([np.full((4, 1), tok.bos_id), rng.integers(0, 256, (4, L - 1))], 1)
     data = str(root / "data")
     write_dataset(data, str(root / "tok.model"), {"train": rows, "val": val}, "examples")
@@ -148,7 +148,7 @@ def test_features_equal_a_direct_computation(monkeypatch):
     teacher, baseline = tiny_model(1, vocab_size=300), tiny_model(2, vocab_size=300)
     for p in list(teacher.parameters()) + list(baseline.parameters()):
         p.data.mul_(5)  # sharper distributions than the nearly uniform initialization
-    T, prefix, suffix, k_percent = 12, 4, 5, 25.0
+    T, prefix, suffix, k_percent = 12, 3, 5, 25.0
     rows = torch.randint(0, 300, (3, T), generator=torch.Generator().manual_seed(0))
     cols = mem.example_features({"teacher": teacher, "baseline": baseline}, rows, prefix, suffix, k_percent,
                                 teacher="teacher", baselines=["baseline"])
@@ -159,7 +159,7 @@ def test_features_equal_a_direct_computation(monkeypatch):
         logp = [lt[t][rows[b, t + 1]].item() for t in range(T - 1)]
         entropies = [-(lt[t].exp() * lt[t]).sum().item() for t in range(T - 1)]
         kls = [(lt[t].exp() * (lt[t] - lb[t])).sum().item() for t in range(T - 1)]
-        in_suffix = range(prefix - 1, prefix - 1 + suffix)  # position t predicts token t + 1
+        in_suffix = range(prefix, prefix + suffix)  # after BOS + prefix; position t predicts token t + 1
         k = max(1, round((T - 1) * k_percent / 100))
         expected = {
             "teacher.ppl": math.exp(-sum(logp) / (T - 1)),
@@ -310,12 +310,32 @@ def test_command_line_writes_the_report(world, tmp_path):
         assert all(os.path.getsize(os.path.join(out, f)) > 0 for f in summary["figures"])
 
     # The filtered dataset: the training rows without those flagged, the val split as it was.
-    at_risk = json.load(open(os.path.join(out, "at_risk.json")))["indices"]
+    at_risk = json.load(open(os.path.join(out, "at_risk.json")))["rows"]
     filtered = summary["filter"]["path"]
     kept = [i for i in range(N_TRAIN) if i not in at_risk]
     np.testing.assert_array_equal(open_split(filtered, "train"), world["rows"][kept])
     np.testing.assert_array_equal(open_split(filtered, "val"), world["val"])
     assert read_meta(filtered)["tokenizer_sha256"] == world["tok"].sha256
+
+
+def test_repeated_examples_are_measured_once_and_the_natural_ones_also_alone(world, tmp_path):
+    # Row 1 (memorized by teacher, baseline and soft student) appears 3 times, row 7 (by none) twice.
+    rows = np.concatenate([world["rows"], world["rows"][[1, 7, 1]]])
+    data = str(tmp_path / "data")
+    write_dataset(data, str(world["root"] / "tok.model"), {"train": rows, "val": world["val"]}, "examples")
+    out = str(tmp_path / "report")
+    s = mem.main([f"--data={data}", models_arg(world), f"--out={out}", f"--prefix_len={P}", f"--suffix_len={S}",
+                  "--classifier_min_positives=1", "--classifier_trials=3", "--filter_threshold=0.0"])
+    assert s["n_examples"] == N_TRAIN and s["n_rows"] == N_TRAIN + 3 and s["copies"] == {"1": 14, "2": 1, "3": 1}
+    assert [s["models"][n]["memorized"] for n in s["models"]] == [6, 3, 2, 2]  # as without the copies
+    lines = [json.loads(line) for line in open(os.path.join(out, "per_example.jsonl"))]
+    assert [r["copies"] for r in lines] == [1, 3] + [1] * 5 + [2] + [1] * 8
+    natural = s["natural"]
+    assert natural["n_examples"] == 14 and natural["models"]["teacher"]["memorized"] == 5
+    assert natural["models"]["baseline"]["memorized"] == 2 and natural["easy"]["count"] == 2
+    assert s["by_copies"]["3"] == {"examples": 1, "teacher": 1, "baseline": 1, "student_soft": 1, "student_hard": 0}
+    # A threshold of 0 flags every example: the filtered data keeps none of the rows, copies included.
+    assert s["filter"]["at_risk"] == N_TRAIN + 3 and s["filter"]["kept"] == 0
 
 
 def test_one_model_alone_is_measured(world, tmp_path):
@@ -359,7 +379,7 @@ def test_a_quantized_model_is_refused_with_one_line_before_anything_is_written(w
                                             f"--prefix_len={P}", f"--suffix_len={S}"])
     with pytest.raises(UserError, match="model 'teacher' is quantized"):
         mem.run(cfg, models={"teacher": q, "baseline": world["models"]["baseline"]})
-    with pytest.raises(UserError, match="--extract_quantize is one of none, int8"):
+    with pytest.raises(UserError, match="--extract_quantize must be one of none, int8, not .fp8."):
         mem.main([f"--data={world['data']}", f"--models={world['paths']['teacher']}", f"--out={tmp_path / 'r'}",
                   f"--prefix_len={P}", f"--suffix_len={S}", "--extract_quantize=fp8"])
     assert not os.path.exists(tmp_path / "r")
@@ -382,3 +402,15 @@ def test_the_attack_samples_from_the_sampler_and_scores_with_its_target(world, m
     cfg = parse_config(mem.MemorizeConfig, ["--extract_samples=4", "--extract_quantize=int8"])
     mem.run_extraction(cfg, {"teacher": teacher}, read_meta(world["data"]), tok, torch.device("cpu"), 1, 2, 10)
     assert seen["target"] is teacher and quantize.is_quantized(seen["sampler"])
+
+
+def test_flags_under_a_callers_bf16_autocast_still_equal_fp32_greedy_decoding():
+    # A training loop may call memorized_flags inside its bf16 autocast. An untrained model has
+    # nearly tied logits, so bf16 rounding would miss some of its own greedy continuations.
+    model = tiny_model(5)
+    prompts = torch.randint(0, 256, (64, 1 + P), generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([prompts, model.generate(prompts, S)], 1).numpy()  # greedy, in fp32
+    rows[32:, -1] = (rows[32:, -1] + 1) % 512  # the last suffix token wrong: not memorized
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        flags = mem.memorized_flags(model, rows, P, S, batch_size=16)
+    assert flags.tolist() == [True] * 32 + [False] * 32

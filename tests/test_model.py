@@ -6,7 +6,9 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import model
 from model import CONFIGS, ModelArgs, Transformer, doc_ids_from_bos, rope_frequencies, sample
 
 transformers = pytest.importorskip("transformers")
@@ -94,6 +96,49 @@ def test_document_masking_makes_each_document_see_only_itself():
     assert torch.allclose(with_mask[0, len(doc_a):], alone[0], atol=1e-5)
     without_mask = m(packed)
     assert not torch.allclose(without_mask[0, len(doc_a):], alone[0], atol=1e-3)
+
+
+def repeated_heads_attention(q, k, v, mask=None):
+    """The reference: every key/value head copied out to one per query head, then plain SDPA."""
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                          attn_mask=mask, is_causal=mask is None and q.shape[2] > 1)
+
+
+def logits_of_every_attention_case(m):
+    """fp32 logits of a prefill without a mask (causal), a packed prefill with document masking,
+    decoding one token at a time against the KV cache, and three tokens at once after a cached
+    prefix (a mask)."""
+    x = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(1))
+    x[:, [0, 8]] = 7  # two documents per row
+    out = {"prefill": m(x), "masked prefill": m(x, doc_ids=doc_ids_from_bos(x, 7))}
+    m.setup_cache(3, 20)
+    m.last_logits(x[:, :10], 0)
+    out["decode"] = torch.stack([m.last_logits(x[:, t:t + 1], t) for t in range(10, 17)])
+    out["tokens after a cache"] = m(x[:, 17:20], start_pos=17)
+    m.clear_cache()
+    return out
+
+
+def test_accelerator_attention_gives_the_logits_of_copied_out_heads(monkeypatch):
+    # The CUDA path reads shared key/value heads in place where it can; run on the CPU, it must
+    # give what copying the heads out per query head gave, in every case it distinguishes.
+    m = tiny_model()  # 8 query heads, 2 key/value heads
+    with torch.no_grad():
+        monkeypatch.setattr(model, "attention", repeated_heads_attention)
+        expected = logits_of_every_attention_case(m)
+        monkeypatch.setattr(model, "attention", model.accelerator_attention)
+        got = logits_of_every_attention_case(m)
+    for case in expected:
+        torch.testing.assert_close(got[case], expected[case], rtol=1e-5, atol=1e-5, msg=case)
+
+
+def test_accelerator_attention_in_bf16_reads_shared_heads_like_copied_ones():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 16, 32, generator=g) for h in (8, 2, 2))
+    got = model.accelerator_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())  # the flash attention route
+    expected = repeated_heads_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float())
+    assert got.dtype == torch.bfloat16 and (got.float() - expected).abs().max() < 2e-2
 
 
 # --- parity with the reference implementation ---------------------------------------------------

@@ -5,6 +5,8 @@ import io
 import json
 import os
 import random
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -16,6 +18,7 @@ from prepare import main, open_split, read_meta, read_shakespeare, strip_gutenbe
 from tokenizer import Tokenizer
 
 VOCAB = "--vocab_size=600"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_docs(n_docs=12, seed=0):
@@ -43,9 +46,11 @@ def prepare_run(tmp_path, input_path, *args):
 
 
 def documents_of_stream(tok, stream):
-    """The texts of a packed stream, cut at each BOS."""
+    """The texts of a packed stream, cut at each BOS; every document must end with EOS."""
     starts = list(np.flatnonzero(np.asarray(stream) == tok.bos_id)) + [len(stream)]
-    return [tok.decode(stream[a + 1 : b]) for a, b in zip(starts, starts[1:])]
+    pieces = [stream[a:b] for a, b in zip(starts, starts[1:])]
+    assert all(p[-1] == tok.eos_id and tok.eos_id not in p[:-1] for p in pieces)
+    return [tok.decode(p[1:-1]) for p in pieces]
 
 
 # --- the packed layout ---
@@ -65,8 +70,9 @@ def test_packed_meta_matches_the_files(tmp_path):
         info = meta["splits"][split]
         assert info["tokens"] == os.path.getsize(out / f"{split}.bin") // 2
         stream = open_split(out, split)
-        assert stream.shape == (info["tokens"],) and stream[0] == tok.bos_id
-        assert info["documents"] == int((stream == tok.bos_id).sum()) and info["examples"] is None
+        assert stream.shape == (info["tokens"],) and stream[0] == tok.bos_id and stream[-1] == tok.eos_id
+        assert info["documents"] == int((stream == tok.bos_id).sum()) == int((stream == tok.eos_id).sum())
+        assert info["examples"] is None
     assert meta["splits"]["val"]["documents"] == round(len(docs) * 0.1)
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(docs)
 
@@ -150,6 +156,77 @@ def test_caps_make_small_datasets(tmp_path):
     assert meta["splits"]["train"]["tokens"] == 300 == os.path.getsize(tmp_path / "data" / "ds" / "train.bin") // 2
 
 
+def test_finetune_and_pretrain_parts_split_the_training_documents_and_share_a_tokenizer(tmp_path):
+    # Each document carries its own planted word, so a word in a dataset tells which document it came from.
+    docs = make_docs(n_docs=20)
+    folder = write_txt(tmp_path / "in", docs)
+    parts = {part: prepare_run(tmp_path, folder, f"--name={part}", f"--part={part}", "--finetune_fraction=0.25",
+                               *(["--layout=examples", "--example_len=16"] if part == "finetune" else []))
+             for part in ("finetune", "pretrain", "all")}
+    data = tmp_path / "data"
+    assert len({file_sha(data / p / "tokenizer.model") for p in parts}) == 1
+    tok = Tokenizer(str(data / "all" / "tokenizer.model"))
+
+    def words(part, split):  # the planted words (zq + two letters) in a split, row by row
+        ids = np.asarray(open_split(data / part, split))
+        text = " ".join(tok.decode(row[row != tok.bos_id].tolist()) for row in ids.reshape(-1, ids.shape[-1]))
+        return {w.strip(".") for w in text.split() if w.startswith("zq") and len(w.strip(".")) == 4}
+
+    finetune, pretrain, val = words("finetune", "train"), words("pretrain", "train"), words("all", "val")
+    assert finetune and pretrain and not finetune & pretrain and not (finetune | pretrain) & val
+    assert words("finetune", "val") <= val and words("pretrain", "val") == val
+    # 20 documents: 2 held out for validation, then a quarter of the other 18 (rounded) for fine-tuning.
+    assert parts["finetune"]["splits"]["train"]["documents"] == 4
+    assert parts["pretrain"]["splits"]["train"]["documents"] == 14
+
+
+def test_repeats_plant_copies_of_distinct_examples(tmp_path):
+    folder = write_txt(tmp_path / "in", make_docs())
+    plain = prepare_run(tmp_path, folder, "--layout=examples", "--example_len=16", "--dedup", "--name=plain")
+    meta = prepare_run(tmp_path, folder, "--layout=examples", "--example_len=16", "--dedup", "--repeats=3:4,8:2")
+    rows = open_split(tmp_path / "data" / "ds", "train")
+    original = open_split(tmp_path / "data" / "plain", "train")
+    assert len(rows) == plain["splits"]["train"]["examples"] + 4 * 2 + 2 * 7 and meta["repeats"] == {"3": 4, "8": 2}
+    assert np.array_equal(rows[:len(original)], original)  # the natural rows first, unchanged
+    first, copies, group = prepare.distinct_examples(rows)
+    assert len(first) == len(original) and np.array_equal(rows[first], original)
+    assert np.array_equal(rows[first[group]], rows) and np.array_equal(np.bincount(group), copies)
+    assert sorted(copies[copies > 1].tolist()) == [3, 3, 3, 3, 8, 8]
+    with pytest.raises(UserError, match="--repeats"):
+        prepare_run(tmp_path, folder, "--layout=examples", "--example_len=16", "--repeats=1:5")
+
+
+def file_sha(path):
+    return prepare.file_sha256(path)
+
+
+def peak_rss_of_prepare(tmp_path, name, shards, tokenizer):
+    """Peak resident memory (bytes) of a prepare.py process over `shards` jsonl files of ~1 MB each."""
+    folder = tmp_path / name
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    words = np.array(["".join(rng.choice(list("etaoinshrdlu"), size=k)) for k in rng.integers(2, 9, 500)])
+    shard = "".join(json.dumps({"text": " ".join(rng.choice(words, 1000))}) + "\n" for _ in range(200))  # 1 MB
+    for i in range(shards):
+        (folder / f"shard{i:03d}.jsonl").write_text(shard)
+    code = ("import resource, sys; import prepare; prepare.main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, f"--input={folder}", f"--out_dir={tmp_path / 'data'}",
+                          f"--name={name}", f"--tokenizer={tokenizer}", "--max_tokens=20000"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1]) * 1024
+
+
+def test_caps_stop_reading_so_memory_does_not_grow_with_the_input(tmp_path):
+    folder = write_txt(tmp_path / "in", make_docs())
+    prepare_run(tmp_path, folder)
+    tokenizer = tmp_path / "data" / "ds" / "tokenizer.model"
+    small = peak_rss_of_prepare(tmp_path, "x1", 8, tokenizer)  # 8 MB of text
+    large = peak_rss_of_prepare(tmp_path, "x10", 80, tokenizer)  # 80 MB: held whole, it would add 72 MB and more
+    print(f"peak RSS: {small / 2**20:.0f} MiB for 8 MB of input, {large / 2**20:.0f} MiB for 80 MB")
+    assert large < small + 30 * 2**20, (small, large)
+
+
 # --- the vocabulary decides the dtype ---
 
 
@@ -162,7 +239,7 @@ def test_uint32_is_chosen_for_a_vocabulary_over_65536(tmp_path):
     out = tmp_path / "data" / "ds"
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 65792 + 256
     assert meta["splits"]["train"]["tokens"] == os.path.getsize(out / "train.bin") // 4
-    assert open_split(out, "train").max() == meta["bos_id"] == 65792
+    assert open_split(out, "train").max() == meta["eos_id"] == 65793 and meta["bos_id"] == 65792
     assert (out / "tokenizer.model").read_bytes() == path.read_bytes()
 
 
@@ -273,7 +350,7 @@ def test_reading_a_missing_or_damaged_dataset_is_a_user_error(tmp_path):
         read_meta(tmp_path / "nothing")
     prepare_run(tmp_path, write_txt(tmp_path / "in", make_docs(4)), "--val_fraction=0")
     out = tmp_path / "data" / "ds"
-    with pytest.raises(UserError, match="'val' split .* is empty"):
+    with pytest.raises(UserError, match=r"no validation data \(--val_fraction=0\); .* larger --val_fraction"):
         open_split(out, "val")
     with pytest.raises(UserError, match="no 'test' split"):
         open_split(out, "test")
@@ -304,7 +381,7 @@ def test_input_errors_stop_with_a_clear_message(tmp_path):
     write_txt(tmp_path / "one", ["Only one document.\n"])
     with pytest.raises(UserError, match="cannot be split by document"):
         prepare_run(tmp_path, tmp_path / "one")
-    with pytest.raises(UserError, match="--layout is packed or examples"):
+    with pytest.raises(UserError, match="--layout must be one of packed, examples, not 'rows'"):
         prepare_run(tmp_path, tmp_path / "one", "--layout=rows")
     assert not (tmp_path / "data" / "ds").exists()
 

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
+import prepare
 import quantize
 import sample
 from config import UserError
 from model import ModelArgs, Transformer
-from tokenizer import train_bpe
+from test_train import run, write_tokenizer
+from tokenizer import Tokenizer, train_bpe
 
 TEXT = "To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer. " * 20
 
@@ -63,5 +65,24 @@ def test_quantize_int8_streams_the_int8_models_greedy_tokens(ckpt, capsys):
     # last token after which the decoded text is whole.
     whole = next(tok.decode(new[:j]) for j in range(len(new), -1, -1) if not tok.decode(new[:j]).endswith("\ufffd"))
     assert out == "To be" + whole + "\n"
-    with pytest.raises(UserError, match="--quantize is one of none, int8"):
+    with pytest.raises(UserError, match="--quantize must be one of none, int8, not .int4."):
         sample.main([f"--ckpt={path}", "--quantize=int4"])
+
+
+def test_a_model_trained_on_packed_documents_stops_at_their_end(tmp_path, capsys):
+    """prepare.py ends each packed document with EOS, so a model learns to say when a text is over,
+    and sample.py stops there, long before max_new_tokens."""
+    for i, text in enumerate(["Cats nap.", "Dogs dig.", "Owls hoot.", "Bees hum."]):
+        (tmp_path / f"doc{i}.txt").write_text(text)
+    prepare.main([f"--input={tmp_path}", f"--out_dir={tmp_path}", "--name=data", "--val_fraction=0.25",
+                  f"--tokenizer={write_tokenizer(tmp_path / 'bytes.model')}"])
+    run(tmp_path / "data", tmp_path / "model", "--seq_len=8", "--batch_size=4", "--max_steps=300",
+        "--warmup_steps=10", "--eval_interval=0")
+    tok = Tokenizer(str(tmp_path / "data" / "tokenizer.model"))
+    stream = prepare.open_split(str(tmp_path / "data"), "train").tolist()
+    train_docs = tok.decode(stream).split("<|end_of_text|>")[:-1]  # each was <|begin_of_text|>text
+    assert len(train_docs) == 3
+    capsys.readouterr()
+    for doc in (d.removeprefix("<|begin_of_text|>") for d in train_docs):
+        sample.main([f"--ckpt={tmp_path / 'model'}", f"--prompt={doc[:4]}", "--temperature=0", "--max_new_tokens=100"])
+        assert capsys.readouterr().out == doc + "\n"  # the document and nothing after it

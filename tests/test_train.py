@@ -3,6 +3,7 @@ API distill.py uses, and clear errors. Tiny models on a byte-level vocabulary of
 
 import base64
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -12,12 +13,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import train as train_module
 from config import UserError, parse_config
-from model import Transformer
-from prepare import write_dataset
-from train import TrainConfig, cross_entropy_loss, lr_at, main, prepare_frozen_model, train
+from memorize import memorized_flags
+from model import ModelArgs, Transformer
+from prepare import open_split, write_dataset
+from train import TrainConfig, batch_plan, cross_entropy_loss, lr_at, main, prepare_frozen_model, train
 
 BOS = 256  # the byte-level tokenizer below has 256 ranks, so its first special token is 256
 TINY = ["--model=tiny", "--dim=32", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1", "--dtype=fp32",
@@ -130,6 +134,59 @@ def test_packed_windows_carry_document_ids_for_masking(data, tmp_path):
     assert any(int(b["doc_ids"][:, -1].max()) >= 2 for b in batches)  # some window spans documents
 
 
+def test_every_example_is_seen_exactly_once_per_epoch_when_the_batch_does_not_divide_the_data(tmp_path):
+    data = examples_dataset(tmp_path / "ten", n_train=10)
+    seen = []
+
+    def loss_fn(model, batch):
+        if model.training:  # not the validation rows
+            seen.extend(map(tuple, batch["inputs"].tolist()))
+        return cross_entropy_loss(model, batch)
+
+    summary = run(data, tmp_path / "run", "--batch_size=4", "--epochs=3", loss_fn=loss_fn)
+    assert summary["step"] == 8  # 30 rows: seven batches of 4, then one of 2
+    rows = [tuple(r[:-1]) for r in np.asarray(open_split(data, "train")).tolist()]
+    for epoch in range(3):  # the stream is three permutations of the ten examples, back to back
+        assert sorted(seen[10 * epoch:10 * (epoch + 1)]) == sorted(rows)
+    assert len(seen) == 30
+    assert log_rows(tmp_path / "run", "train")[-1]["epoch"] == 3
+
+
+def test_memorization_is_tracked_during_training_once_per_distinct_example(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 256, (9, 17))
+    rows[:, 0] = BOS
+    rows[1] = rows[0]  # one example planted twice: 8 distinct examples
+    write_dataset(str(tmp_path / "d"), write_tokenizer(tmp_path / "d.tok"), {"train": rows, "val": rows[:2]}, "examples")
+    run(tmp_path / "d", tmp_path / "run", "--batch_size=3", "--epochs=60", "--mem_every=20",
+        "--mem_prefix_len=4", "--mem_suffix_len=8", "--lr=3e-2")
+    tracked = log_rows(tmp_path / "run", "memorization")
+    assert [r["step"] for r in tracked] == [0, 60, 120, 180] and [r["epoch"] for r in tracked] == [0, 20, 40, 60]
+    assert all(r["examples"] == 8 and r["memorized"] == len(r["indices"]) for r in tracked)
+    assert tracked[0]["memorized"] == 0 and 1 not in tracked[-1]["indices"]  # row 1 is row 0 again
+    model = Transformer.from_pretrained(str(tmp_path / "run"))
+    flags = memorized_flags(model, np.delete(rows, 1, axis=0), 4, 8)
+    assert tracked[-1]["indices"] == [i + (i > 0) for i in np.flatnonzero(flags).tolist()] and flags.sum() > 0
+
+
+def test_chunked_cross_entropy_equals_the_loss_and_gradients_of_full_logits(monkeypatch):
+    monkeypatch.setattr(train_module, "LOSS_CHUNK", 7)  # 3 x 10 positions: chunks of 7, the last of 2
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=300, multiple_of=16))
+    model.init_weights()
+    rows = torch.randint(0, 300, (3, 11))
+    batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+    loss, _ = cross_entropy_loss(model, batch)
+    loss.backward()
+    chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    full = F.cross_entropy(model(batch["inputs"]).flatten(0, 1), batch["targets"].flatten())
+    full.backward()
+    assert torch.allclose(loss, full, rtol=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(chunked[n], p.grad, rtol=1e-4, atol=1e-7), n
+
+
 # --- checkpoints and resume ---
 
 
@@ -140,7 +197,7 @@ def test_resume_continues_bitwise_exactly(data, tmp_path, layout):
     run(data[layout], tmp_path / "whole", *args)
     run(data[layout], tmp_path / "parts", *args, "--stop_after=3")
     state = torch.load(tmp_path / "parts" / "train_state.pt", weights_only=True)
-    assert (state["step"], state["epoch"], state["position"]) == ((3, 1, 1) if layout == "examples" else (3, 0, 3))
+    assert state["step"] == 3 and (layout == "packed" or state["epoch"] == 1.5)  # 12 of 8 examples
     run(data[layout], tmp_path / "parts", *args, "--resume")
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")  # exact float equality
     whole = load_file(tmp_path / "whole" / "model.safetensors")
@@ -195,7 +252,7 @@ def test_fine_tunes_from_own_and_hugging_face_checkpoints(data, tmp_path):
     Transformer.from_pretrained(str(tmp_path / "base")).export_hf(str(tmp_path / "hf"))
     first = {}
     for name in ("base", "hf"):
-        run(data["examples"], tmp_path / f"ft_{name}", "--batch_size=8", "--max_steps=1",
+        run(data["examples"], tmp_path / f"ft_{name}", "--batch_size=8", "--max_steps=1", "--warmup_steps=0",
             f"--init_from={tmp_path / name}")
         first[name] = losses(tmp_path / f"ft_{name}")[1]
     # The same weights either way, far past where a fresh model starts.
@@ -267,7 +324,7 @@ def test_batch_larger_than_the_dataset_is_a_clear_error(data, tmp_path):
 
 def test_tokenizer_or_vocabulary_that_differs_from_the_checkpoint_is_refused(data, tmp_path):
     ckpt = tmp_path / "ckpt"
-    run(data["examples"], ckpt, "--batch_size=4", "--max_steps=1")
+    run(data["examples"], ckpt, "--batch_size=4", "--max_steps=1", "--warmup_steps=1")
     before = file_hashes(ckpt)
     other_file = examples_dataset(tmp_path / "other_file", shift=1)  # same 512 tokens, other bytes
     other_vocab = examples_dataset(tmp_path / "other_vocab", n_ranks=300)
@@ -277,7 +334,7 @@ def test_tokenizer_or_vocabulary_that_differs_from_the_checkpoint_is_refused(dat
         run(other_vocab, tmp_path / "ft", f"--init_from={ckpt}", "--batch_size=4")
     # Resuming on other data, even with --overwrite, stops before anything is written.
     with pytest.raises(UserError, match="differs from the one of"):
-        run(other_file, ckpt, "--batch_size=4", "--max_steps=1", "--resume")
+        run(other_file, ckpt, "--batch_size=4", "--max_steps=1", "--warmup_steps=1", "--resume")
     assert file_hashes(ckpt) == before and not (tmp_path / "ft").exists()
 
 
@@ -308,3 +365,49 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 2
     weights = load_file(out / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+# --- the batch arithmetic of every preset -------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINING_PRESETS = sorted(os.path.relpath(p, REPO) for name in ("teacher", "baseline", "student")
+                          for p in glob.glob(os.path.join(REPO, "configs", "*", f"{name}.toml")))
+
+
+def test_the_micro_batch_is_capped_at_each_process_share():
+    assert batch_plan(128, 64, 8) == (16, 16, 1)  # configs/gpu launched on 8 GPUs
+    assert batch_plan(128, 32, 2) == (64, 32, 2)
+    assert batch_plan(16, None, 1) == (16, 16, 1)
+    for batch_size, micro, world in [(10, None, 4), (12, 5, 1), (4, None, 8)]:
+        with pytest.raises(UserError, match=f"--batch_size={batch_size} must divide into {world} process"):
+            batch_plan(batch_size, micro, world)
+
+
+@pytest.mark.parametrize("preset", TRAINING_PRESETS)
+def test_every_training_preset_keeps_its_global_batch_at_1_2_4_and_8_processes(preset):
+    from distill import DistillConfig  # its settings are a superset of train.py's
+    cfg = parse_config(DistillConfig, [f"--config={os.path.join(REPO, preset)}"])
+    for world in (1, 2, 4, 8):
+        per_rank, micro, accumulation = batch_plan(cfg.batch_size, cfg.micro_batch_size, world)
+        assert per_rank * world == cfg.batch_size
+        assert micro * accumulation == per_rank and micro <= per_rank
+        if cfg.micro_batch_size and cfg.micro_batch_size <= per_rank:
+            assert micro == cfg.micro_batch_size  # the preset's micro-batch where it fits
+
+
+def test_the_presets_of_all_three_folders_are_checked():
+    assert len(TRAINING_PRESETS) >= 9, TRAINING_PRESETS  # reproduce, gpu, llama32
+
+
+def test_an_interrupted_move_replaces_the_sharded_optimizer_folder_whole(tmp_path):
+    # FSDP checkpoints hold a folder of optimizer shards; a save killed while moving files into
+    # place leaves the new folder in .ckpt-ready/, and the next start puts it in place of the old.
+    from train import finish_interrupted_save
+    (tmp_path / "optimizer").mkdir()
+    (tmp_path / "optimizer" / "shard-00003.safetensors").write_text("old")
+    (tmp_path / ".ckpt-ready" / "optimizer").mkdir(parents=True)
+    (tmp_path / ".ckpt-ready" / "optimizer" / "shard-00001.safetensors").write_text("new")
+    (tmp_path / ".ckpt-ready" / "train_state.pt").write_text("new")
+    finish_interrupted_save(str(tmp_path))
+    assert os.listdir(tmp_path / "optimizer") == ["shard-00001.safetensors"]
+    assert (tmp_path / "train_state.pt").read_text() == "new" and not (tmp_path / ".ckpt-ready").exists()

@@ -6,9 +6,13 @@ transformers running the same model, the same weights and the same batch in the 
   tokens/s and MFU, in the training precision (`--dtype`, auto = train.py's choice) and in fp32.
   MFU uses train.py's FLOP count and peak: measured matmuls on a CPU, nominal bf16 peak on known GPUs.
 - Greedy generation with the KV cache: new tokens/s (prefill included) at batch 1 and 8, and how
-  close that comes to the memory-bandwidth bound (every step reads all weights and the cache).
+  close that comes to the memory-bandwidth bound (every step reads all weights and the cache), in
+  fp32, with bf16 weights and with row-wise int8 weights (quantize.py: every linear layer, and the
+  Llama 3 paper's choice of the feed-forward layers outside the first and last blocks).
 - Discoverable memorization at P = S = 50: examples/s of memorize.py's teacher-forced flags, of our
   generate, and of a loop calling transformers' generate per batch; the flags must agree.
+- With --sections=quality, --ckpt and --data: what int8 weights cost a trained model, against fp32:
+  validation perplexity and greedy agreement over --quality_tokens new tokens from val prompts.
 - A soft-distillation step (distill.py's loss, a teacher twice as wide) next to a cross-entropy step
   and a teacher forward: time and peak memory (in a fresh process on a CPU, from its peak RSS).
 - Every figure is the median over --repeats timed runs after --warmup untimed ones, with the range
@@ -19,6 +23,7 @@ transformers running the same model, the same weights and the same batch in the 
     python bench.py --model=small --repeats=10 --skip_hf
     python bench.py --model=llama3.2-1b --batch_size=4 --seq_len=2048 --compile --skip_hf \
         --sections=training,generation                                  # the check on one GPU
+    python bench.py --sections=quality --ckpt=out/small --data=data/shakespeare --seq_len=128
 """
 
 import dataclasses
@@ -37,9 +42,12 @@ import torch.nn.functional as F
 import memorize
 from config import UserError, at_least, one_of, parse_config, positive, run_main, seed_range, setting
 from distill import DistillConfig, make_soft_loss
-from model import CONFIGS, ModelArgs, Transformer
+from model import CONFIGS, ModelArgs, Transformer, empty_model, load_weights
+from prepare import read_meta
+from quantize import quantized_copy
 from train import (DEVICES, DTYPES, Context, TrainConfig, accumulate_gradients, clip_gradients, cross_entropy_loss,
-                   flops_per_token, make_optimizer, parallelize, peak_flops, pick_device, pick_dtype)
+                   evaluate, flops_per_token, make_optimizer, parallelize, peak_flops, pick_device, pick_dtype,
+                   validation_rows)
 
 
 @dataclass
@@ -66,6 +74,10 @@ class BenchConfig:
     skip_hf: bool = setting(False, "do not run transformers next to this project")
     skip_memory: bool = setting(False, "do not measure peak memory")
     seed: int = setting(0, "weights and tokens", seed_range)
+    ckpt: str = setting("", "quality: a trained checkpoint folder")
+    data: str = setting("", "quality: its dataset folder (the val split is read)")
+    quality_tokens: int = setting(256, "quality: greedy tokens per prompt (--batch_size prompts of --prompt_len)",
+                                  positive)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,6 +141,13 @@ def build_model(args, seed, device):
 def teacher_args(args, scale):
     return dataclasses.replace(args, dim=args.dim * scale, n_heads=args.n_heads * scale,
                                n_kv_heads=args.n_kv_heads * scale, ffn_hidden_dim=args.hidden_dim * scale)
+
+
+def bf16_copy(model):
+    """Our model with bf16 weights, converted tensor by tensor as from_pretrained(dtype=bf16) loads it
+    (the rotary table stays fp32)."""
+    tensors = model.state_dict().items()
+    return load_weights(empty_model(model.args), tensors, model.norm.weight.device, torch.bfloat16).eval()
 
 
 def hf_copy(model):
@@ -214,21 +233,24 @@ def memory_bandwidth(cfg, device):
 
 
 def decode_bytes(model, batch, context):
-    """Bytes one decoding step must read at least: every weight (the embedding table only when the
-    output layer shares it) and the keys and values of `context` earlier positions per row."""
+    """Bytes one decoding step must read at least: every weight (int8 ones and their row scales as
+    stored; the embedding table only when the output layer shares it) and the keys and values of
+    `context` earlier positions per row."""
     a = model.args
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    scales = [b for name, b in model.named_buffers() if name.endswith(".scale")]
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *scales])
     if not a.tie_word_embeddings:
         weights -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
-    cache = 2 * a.n_layers * batch * a.n_kv_heads * a.head_dim * context * model.tok_embeddings.weight.element_size()
+    cache = 2 * a.n_layers * batch * a.n_kv_heads * a.head_dim * context * model.norm.weight.element_size()
     return weights + cache
 
 
 def bench_generation(cfg, args, device, model, hf):
     section(f"greedy generation with the KV cache: prompt {cfg.prompt_len}, {cfg.new_tokens} new tokens, fp32 "
-            "(and our model with bf16 weights, as sample.py --dtype=bf16 loads it)")
-    half = build_model(args, cfg.seed, device).to(torch.bfloat16).eval()
-    half.init_rope()  # the rotary table stays fp32, as from_pretrained(dtype=bf16) keeps it
+            "(and our model with bf16 weights, as sample.py --dtype=bf16 loads it, and with int8 weights)")
+    half = bf16_copy(model)  # copies made tensor by tensor: never two fp32 models at once
+    int8 = {"int8 weights": quantized_copy(model).eval(),
+            "int8 paper's layers": quantized_copy(model, layers="ffn", keep_ends=True).eval()}
     bandwidth, source = memory_bandwidth(cfg, device)
     context = cfg.prompt_len + cfg.new_tokens / 2  # the cache's mean length while decoding
     print(f"  memory bandwidth {bandwidth / 1e9:,.0f} GB/s ({source}); bound = batch x bandwidth / bytes "
@@ -239,10 +261,13 @@ def bench_generation(cfg, args, device, model, hf):
         prompt = prompt.to(device)
         fns = {f"ours, batch {b}": lambda: model.generate(prompt, cfg.new_tokens),
                f"ours bf16 weights, batch {b}": lambda: half.generate(prompt, cfg.new_tokens)}
+        for name, m in int8.items():
+            fns[f"ours {name}, batch {b}"] = lambda m=m: m.generate(prompt, cfg.new_tokens)
         if hf is not None:
             fns[f"transformers generate, batch {b}"] = lambda: hf_generate(hf, prompt, cfg.new_tokens)
         for name, t in time_in_turn(fns, cfg, device).items():
-            bound = b * bandwidth / decode_bytes(half if "bf16" in name else model, b, context)
+            ours = half if "bf16" in name else next((m for k, m in int8.items() if k in name), model)
+            bound = b * bandwidth / decode_bytes(ours, b, context)
             rate = [b * cfg.new_tokens / s for s in t]
             rates[name] = show(name, rate, "tokens/s", f"{statistics.median(rate) / bound:.0%} of the bandwidth bound")
         ours = model.generate(prompt, cfg.new_tokens)
@@ -317,6 +342,29 @@ def bench_distillation(cfg, args, device, dtype):
         for kind in ("cross-entropy", "distillation"):
             print(f"    {kind + ' step':<38} {step_memory(kind, cfg, device, dtype) / 2**20:>10,.0f} MiB")
     return ratio
+
+
+def bench_quality(cfg, device):
+    """Validation perplexity (windows of --seq_len) and greedy agreement with fp32 of the same
+    trained model with bf16 weights and int8 ones (every linear layer, or the paper's choice)."""
+    meta = read_meta(cfg.data)
+    fp32 = Transformer.from_pretrained(cfg.ckpt, device=device).eval()
+    models = {"fp32": fp32, "bf16 weights": bf16_copy(fp32), "int8 weights": quantized_copy(fp32),
+              "int8 paper's layers": quantized_copy(fp32, layers="ffn", keep_ends=True)}
+    rows = validation_rows(TrainConfig(data=cfg.data, eval_rows=0), meta, cfg.seq_len, 1)
+    ctx = Context(TrainConfig(), device, torch.float32, meta=meta)
+    prompts = torch.from_numpy(rows[:cfg.batch_size, :cfg.prompt_len]).to(device)
+    section(f"quality: {cfg.ckpt} on the val split of {cfg.data} ({len(rows)} windows of {cfg.seq_len} tokens); "
+            f"greedy, {cfg.batch_size} val prompts of {cfg.prompt_len} tokens, {cfg.quality_tokens} new tokens each")
+    reference = fp32.generate(prompts, cfg.quality_tokens)
+    ppl = {}
+    for name, m in models.items():
+        ppl[name] = evaluate(m, rows, ctx, cfg.batch_size)["val_ppl"]
+        same = m.generate(prompts, cfg.quality_tokens) == reference
+        first = torch.where(same.all(1), cfg.quality_tokens, (~same).int().argmax(1)).float()  # first different token
+        print(f"  {name:<22} val perplexity {ppl[name]:8.3f} ({ppl[name] / ppl['fp32'] - 1:+.3%}); tokens equal to "
+              f"fp32's {same.float().mean():.1%}, the first difference at token {first.mean():.0f} on average")
+    return ppl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,10 +452,16 @@ def transformers_copy(cfg, model, args, device):
 
 def bench(cfg):
     sections = cfg.sections.split(",")
-    unknown = set(sections) - {"training", "generation", "memorization", "distillation"}
+    unknown = set(sections) - {"training", "generation", "memorization", "distillation", "quality"}
     if unknown:
         raise UserError(f"--sections: unknown {', '.join(sorted(unknown))}; pick from training, generation, "
-                        "memorization, distillation")
+                        "memorization, distillation, quality")
+    if "quality" in sections:  # refused before any timing, not after the other sections
+        if not (cfg.ckpt and cfg.data):
+            raise UserError("--sections=quality needs a trained model: pass --ckpt=out/<run> and --data=data/<name>")
+        if not os.path.isdir(cfg.ckpt):
+            raise UserError(f"checkpoint folder {cfg.ckpt!r} does not exist; pass --ckpt=out/<run>")
+        read_meta(cfg.data)  # a dataset folder without a readable meta.json is refused here
     device = pick_device(cfg.device, 0)
     dtype = pick_dtype(cfg.dtype, device)
     args = model_args(cfg)
@@ -419,6 +473,7 @@ def bench(cfg):
     gen = bench_generation(cfg, args, device, model, hf) if "generation" in sections else None
     mem = bench_memorization(cfg, args, device, model, hf) if "memorization" in sections else None
     kd_ratio = bench_distillation(cfg, args, device, dtype) if "distillation" in sections else None
+    ppl = bench_quality(cfg, device) if "quality" in sections else None
 
     dt, lines = name_of(dtype), []
     if hf is not None and train:
@@ -432,12 +487,20 @@ def bench(cfg):
             theirs = gen[f"transformers generate, batch {b}"]
             lines += [(f"generation at batch {b}, ours / transformers, fp32", gen[f"ours, batch {b}"] / theirs, target),
                       (f"generation at batch {b}, ours bf16 weights / transformers fp32",
-                       gen[f"ours bf16 weights, batch {b}"] / theirs, "not the same precision")]
+                       gen[f"ours bf16 weights, batch {b}"] / theirs, "not the same precision"),
+                      (f"generation at batch {b}, ours int8 weights / transformers fp32",
+                       gen[f"ours int8 weights, batch {b}"] / theirs, f"{target}, int8")]
+    if gen:
+        lines += [(f"generation at batch {b}, ours int8 weights / ours fp32",
+                   gen[f"ours int8 weights, batch {b}"] / gen[f"ours, batch {b}"], ">= 4x on llama3.2-1b")
+                  for b in (1, 8)]
     if hf is not None and mem:
         lines.append(("memorization, memorized_flags / transformers generate loop",
                       mem["ours, teacher-forced (memorized_flags)"] / mem["transformers generate per batch"], ">= 3x"))
     if kd_ratio is not None:
         lines.append(("distillation step / (cross-entropy step + teacher forward)", kd_ratio, "<= 1.15"))
+    if ppl is not None:
+        lines.append(("val perplexity, int8 weights / fp32", ppl["int8 weights"] / ppl["fp32"], "<= 1.01"))
     if lines:
         section("ratios (target)")
     for label, value, target in lines:

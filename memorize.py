@@ -37,6 +37,7 @@ from config import (UserError, at_least, between, check_output_folder, config_di
                     progress_bar, run_main, seed_range, setting)
 from model import Transformer, checkpoint_format, read_checkpoint_meta
 from prepare import distinct_examples, open_split, read_meta, write_dataset
+from quantize import KINDS, is_quantized, quantized_copy
 from tokenizer import Tokenizer
 from train import DEVICES, exit_with_launcher, pick_device
 
@@ -76,6 +77,8 @@ class MemorizeConfig:
     extract_model: str = setting("", "attacked model (default: teacher, else the first)")
     extract_reference: str = setting("", "model name for the ratio score (default: first baseline; 'none' to skip)")
     extract_window: int = setting(0, "training window that counts as extracted (0: S)", at_least(0))
+    extract_quantize: str = setting("none", "int8: the attack samples from an int8 copy of its model, for speed; "
+                                            "every score and flag stays fp32", one_of(*KINDS))
     figures: bool = setting(True, "PNG figures (needs matplotlib)")
     device: str = setting("auto", "auto: cuda > mps > cpu", one_of(*DEVICES))
     seed: int = setting(1337, "seeds the classifier's resampling and all sampling", seed_range)
@@ -276,7 +279,8 @@ def memorized_flags(model, rows, prefix_len, suffix_len, batch_size=32):
 
     Computed in fp32 whatever autocast the caller runs under: only then is the flag greedy decoding's
     (under bf16 autocast, 22 of 256 rows that were a model's own greedy continuation came out "not
-    memorized"). A model whose weights are bf16 stays bf16."""
+    memorized"). A model whose weights are bf16 stays bf16; a quantized one is refused."""
+    check_full_precision({"model": model})
     device, prompt = model.tok_embeddings.weight.device, prompt_len(prefix_len)
     flags = np.empty(len(rows), dtype=bool)
     with torch.autocast(device.type, enabled=False):
@@ -395,17 +399,18 @@ class NgramIndex:
 
 @torch.no_grad()
 def extraction_samples(target, reference, n, length, bos_id, top_k, batch_size, tokenizer, generator,
-                       rank=0, world=1, progress=True):
+                       rank=0, world=1, progress=True, sampler=None):
     """This rank's share of n samples of `length` tokens from <|begin_of_text|> (top-k sampling), with
-    the attack's scores: log-perplexity under target and reference, zlib entropy of the text."""
+    the attack's scores: log-perplexity under target and reference, zlib entropy of the text.
+    sampler: a faster copy of target to draw the samples from (int8), else target itself."""
     device = target.tok_embeddings.weight.device
     lo, hi = shard_range(n, rank, world)
     parts = []
     for i in progress_bar(range(lo, hi, batch_size), desc="extraction", unit="batch",
                           disable=not progress or rank != 0):
         prompt = torch.full((min(batch_size, hi - i), 1), bos_id, dtype=torch.long, device=device)
-        tokens = torch.cat([prompt, target.generate(prompt, length, temperature=1.0, top_k=top_k,
-                                                    generator=generator)], 1)
+        tokens = torch.cat([prompt, (sampler or target).generate(prompt, length, temperature=1.0, top_k=top_k,
+                                                                generator=generator)], 1)
         samples = tokens[:, 1:].cpu().numpy()
         cols = {"tokens": samples, "log_ppl": -token_logprobs(target, tokens).mean(1).cpu().numpy(),
                 "zlib_entropy": zlib_entropy(tokenizer, tokens.cpu().numpy())}
@@ -497,6 +502,14 @@ def check_names(cfg, names):
         value = getattr(cfg, key)
         if value and value != "none" and value not in names:
             raise UserError(f"--{key}={value} is not one of the models {names}; name one of them")
+
+
+def check_full_precision(models):
+    """Memorization flags must be exact: no model measured here may be quantized (quantize.py)."""
+    quantized = [name for name, m in models.items() if is_quantized(m)]
+    if quantized:
+        raise UserError(f"model {quantized[0]!r} is quantized, and memorization is measured in full precision "
+                        "(exact flags); pass it unquantized (--extract_quantize=int8 speeds up the attack alone)")
 
 
 def check_config(cfg, meta):
@@ -694,6 +707,7 @@ def run(cfg, models=None):
         if models is None:
             longest = max(meta["example_len"], extract_len + 1 if cfg.extract_samples else 0)
             models = load_models(paths, meta, cfg.data, device, longest)
+        check_full_precision(models)
         tokenizer = Tokenizer(os.path.join(cfg.data, "tokenizer.model"))
         return _run(cfg, models, paths, meta, rows, tokenizer, device, dist.get_rank() if world > 1 else 0, world,
                     extract_len)
@@ -839,8 +853,9 @@ def run_extraction(cfg, models, meta, tokenizer, device, rank, world, extract_le
     # Carlini et al. compare with a smaller model trained on similar data; here, a baseline.
     reference = cfg.extract_reference or next((b for b in baselines if b != target), "none")
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 7919 + rank)
+    sampler = quantized_copy(models[target], cfg.extract_quantize) if cfg.extract_quantize != "none" else None
     ex = extraction_samples(models[target], models.get(reference), cfg.extract_samples, extract_len, meta["bos_id"],
-                            cfg.extract_top_k, cfg.batch_size, tokenizer, generator, rank, world)
+                            cfg.extract_top_k, cfg.batch_size, tokenizer, generator, rank, world, sampler=sampler)
     ex = gather_columns(ex, world)
     if rank != 0:
         return None

@@ -296,8 +296,14 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+            self.tie_weights()
         self.init_rope()
+
+    def tie_weights(self):
+        """The output layer reads the embedding table (Llama 3.2 1B and 3B): every tensor of the
+        embedding (its weight, and its scales once quantized by quantize.py) is the output layer's."""
+        for name, tensor in self.tok_embeddings.state_dict(keep_vars=True).items():
+            setattr(self.output, name, tensor)
 
     def init_rope(self):
         """(Re)build the fp32 rotary table; needed after building on the meta device."""
@@ -357,7 +363,7 @@ class Transformer(nn.Module):
     # Generation: prefill the prompt, then decode one token at a time against the KV cache.
 
     def setup_cache(self, batch_size, cache_len):
-        p = self.tok_embeddings.weight
+        p = self.norm.weight  # the model's dtype (the embedding may be int8: quantize.py)
         shape = (batch_size, self.args.n_kv_heads, cache_len, self.args.head_dim)
         for layer in self.layers:
             layer.attention.cache_k = torch.zeros(shape, dtype=p.dtype, device=p.device)
@@ -425,8 +431,9 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: this project's folders, Meta's folders and Hugging Face folders.
-# Every loader builds the model on the meta device (no memory) and then assigns the loaded tensors
-# as its parameters, so loading holds one copy of the weights, not two.
+# Every reader yields the checkpoint's tensors one at a time under this project's names; the model
+# is built on the meta device (no memory) and each tensor assigned as it arrives, so loading holds
+# one copy of the weights, not two.
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 REPLACE = "replace it with an intact copy (or train the checkpoint again)"
@@ -497,55 +504,84 @@ def few(names, n=3):
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def _build(args, state_dict, device, dtype, source):
-    with torch.device("meta"):
-        model = Transformer(args)
-    for k in list(state_dict):  # one tensor at a time, so the old copy is freed as we go
-        state_dict[k] = state_dict[k].to(device=device, dtype=dtype)
-    if args.tie_word_embeddings:
-        state_dict.pop("output.weight", None)
-    try:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    except RuntimeError as e:  # a tensor whose shape is not the one the config describes
-        what = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first_line(e))
-        raise UserError(f"the weights in {source} do not fit its config ({first_line(what)}); {REPLACE}") from None
-    missing = [k for k in missing if not (args.tie_word_embeddings and k == "output.weight")]
+def load_weights(model, tensors, device, dtype, source="the checkpoint"):
+    """Fill a model built on the meta device from (name, tensor) pairs in this project's names.
+
+    Tensors are taken one at a time: each is moved to device, cast to dtype if floating, and
+    assigned before the next is read (a layer quantized by quantize.py quantizes the float weight it
+    receives). Weights that do not fit the model (missing, unexpected, or of another shape) are a
+    UserError naming source and a few of them. Returns the model."""
+    tied, unexpected = model.args.tie_word_embeddings, []
+    for name, tensor in tensors:
+        if tied and name == "output.weight":
+            continue  # the output layer reads the embedding table: tied below
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            unexpected.append(name)
+            continue
+        target = getattr(module, attr, None)
+        if isinstance(target, torch.Tensor) and target.shape != tensor.shape:
+            raise UserError(f"the weights in {source} do not fit its config ({name} has shape "
+                            f"{tuple(tensor.shape)}, the model {tuple(target.shape)}); {REPLACE}")
+        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        try:
+            result = module.load_state_dict({attr: tensor}, strict=False, assign=True)
+        except RuntimeError as e:  # a shape check of load_state_dict's own
+            raise UserError(f"the weights in {source} do not fit its config ({name}: {first_line(e)}); "
+                            f"{REPLACE}") from None
+        unexpected += [name for _ in result.unexpected_keys]
+        del tensor  # dropped before the next one is read (the readers drop theirs too)
+    if tied:
+        model.tie_weights()
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    # an int8 layer's scales come with its weight (quantize.py): name the weight alone
+    missing = [n for n in missing if not (n.endswith(".scale") and n.removesuffix("scale") + "weight" in missing)]
     if missing or unexpected:
         raise UserError(f"the weights in {source} do not fit the model (missing: {few(missing) or 'none'}; "
                         f"unexpected: {few(unexpected) or 'none'}); {REPLACE}")
-    if args.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
     model.init_rope()
     return model.to(device)
 
 
-def _load_safetensors_files(files):
-    """({name: tensor}, {name: the file it came from}) from .safetensors files."""
+def _safetensors_entries(files):
+    """(file, name, tensor) from .safetensors files, one tensor at a time. The file is reopened for
+    each: while it is open, every page read from its memory map counts in this process's memory.
+    A missing file is refused before anything is read, a damaged or truncated one naming it."""
     from safetensors import SafetensorError, safe_open
-    state, origin = {}, {}
     for file in files:
         if not os.path.isfile(file):
             raise UserError(f"{file} is missing; copy the whole checkpoint folder")
+
+    def read(file, key=None):  # the file's names, or one tensor
         try:
             with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    state[key], origin[key] = f.get_tensor(key), file
+                return list(f.keys()) if key is None else f.get_tensor(key)
         except SafetensorError as e:
             raise UserError(f"{file} is damaged or truncated ({first_line(e)}); {REPLACE}") from None
-    return state, origin
+
+    def entries():
+        for file in files:
+            for key in read(file):
+                tensor = read(file, key)
+                yield file, key, tensor
+                del tensor
+    return entries()
 
 
-def load_own(path, device, dtype):
+def read_own(path):
     config = os.path.join(path, CONFIG)
     args = model_args_from_dict(read_json(config)["model_args"], config)
-    return _build(args, _load_safetensors_files([os.path.join(path, WEIGHTS)])[0], device, dtype, path)
+    return args, ((key, tensor) for _, key, tensor in _safetensors_entries([os.path.join(path, WEIGHTS)]))
 
 
-def load_meta(path, device, dtype):
+def read_meta(path):
     """Meta's folder: params.json and consolidated.00.pth ... one shard per model-parallel rank.
     Sharded tensors are concatenated by Meta's layout: column-parallel layers (wq, wk, wv, w1, w3,
     output) and the vocabulary-parallel embedding on dim 0, row-parallel ones (wo, w2) on dim 1;
-    norms are replicated. Key/value heads replicated across more shards than heads are de-duplicated."""
+    norms are replicated. Key/value heads replicated across more shards than heads are de-duplicated.
+    The shards are memory-mapped: pages read stay counted in this process's memory until loading ends."""
     params = read_json(os.path.join(path, "params.json"))
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not files:
@@ -580,7 +616,7 @@ def load_meta(path, device, dtype):
         if w.shape[0] > kv_rows:  # each shard held a copy of its key/value heads
             reps = w.shape[0] // kv_rows
             state[key] = w.view(args.n_kv_heads, reps, args.head_dim, -1)[:, 0].reshape(kv_rows, -1)
-    return _build(args, state, device, dtype, path)
+    return args, state.items()
 
 
 # Hugging Face's names for Meta's, per layer and at the top.
@@ -632,7 +668,7 @@ def hf_config_to_args(cfg):
     return ModelArgs(**args)
 
 
-def load_hf(path, device, dtype):
+def read_hf(path):
     config = os.path.join(path, CONFIG)
     try:
         args = hf_config_to_args(read_json(config))
@@ -651,14 +687,18 @@ def load_hf(path, device, dtype):
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{path} has a Hugging Face config.json but no .safetensors weights")
-    (raw, origin), state = _load_safetensors_files(files), {}
-    for key in list(raw):
-        w = raw.pop(key)  # renamed (and un-permuted) one tensor at a time: never two copies
+    return args, _hf_tensors(_safetensors_entries(files), args)
+
+
+def _hf_tensors(raw, args):
+    """Hugging Face's (file, name, tensor) triples renamed to Meta's names, q/k rows un-permuted, one
+    tensor at a time."""
+    for file, key, w in raw:
         if key.startswith("model.layers."):
             i, _, rest = key.removeprefix("model.layers.").partition(".")
             module, _, param = rest.rpartition(".")
             if module not in _HF_LAYER:
-                raise UserError(f"{origin[key]} holds {key!r}, which is no part of a Llama layer; this loader "
+                raise UserError(f"{file} holds {key!r}, which is no part of a Llama layer; this loader "
                                 "reads Llama 3 checkpoints (LlamaForCausalLM) only")
             name = f"layers.{i}.{_HF_LAYER[module]}.{param}"
             if module == "self_attn.q_proj":
@@ -670,8 +710,8 @@ def load_hf(path, device, dtype):
             if module not in _HF_TOP:
                 continue  # e.g. rotary inv_freq buffers saved by old versions
             name = f"{_HF_TOP[module]}.{param}"
-        state[name] = w
-    return _build(args, state, device, dtype, path)
+        yield name, w
+        del w
 
 
 def _atomic_save_safetensors(tensors, path, metadata=None):
@@ -736,10 +776,22 @@ def export_hf(model, path, bos_token_id=None, eos_token_id=None):
     _atomic_write_json(cfg, os.path.join(path, CONFIG))
 
 
+def read_checkpoint(path):
+    """(ModelArgs, iterable of (name, tensor) in this project's names) of any checkpoint folder this
+    project knows: its own, Meta's or Hugging Face's. Tensors are read as the iterable is consumed."""
+    return {"own": read_own, "meta": read_meta, "hf": read_hf}[checkpoint_format(path)](path)
+
+
+def empty_model(args):
+    """A Transformer on the meta device: every shape, no memory, for load_weights to fill."""
+    with torch.device("meta"):
+        return Transformer(args)
+
+
 def from_pretrained(path, device="cpu", dtype=torch.float32):
-    """Load any checkpoint folder this project knows: its own, Meta's or Hugging Face's."""
-    loader = {"own": load_own, "meta": load_meta, "hf": load_hf}[checkpoint_format(path)]
-    return loader(path, device, dtype)
+    """Load any checkpoint folder this project knows, holding one copy of the weights."""
+    args, tensors = read_checkpoint(path)
+    return load_weights(empty_model(args), tensors, device, dtype, source=path)
 
 
 Transformer.from_pretrained = staticmethod(from_pretrained)

@@ -85,6 +85,20 @@ def paths(tmp_path_factory):
     shutil.copy(os.path.join(p["ckpt"], "tokenizer.model"), p["hf_unknown"])
     hf_weights = os.path.join(p["hf_unknown"], "model.safetensors")
     save_file({**load_file(hf_weights), "model.layers.0.mlp.lora_A.weight": torch.zeros(2, 2)}, hf_weights)
+    p["hf_missing_shard"] = str(root / "hf_missing_shard")  # an index naming a shard the folder lacks
+    model.export_hf(p["hf_missing_shard"])
+    shutil.copy(os.path.join(p["ckpt"], "tokenizer.model"), p["hf_missing_shard"])
+    shard = os.path.join(p["hf_missing_shard"], "model.safetensors")
+    names = list(load_file(shard))
+    os.rename(shard, os.path.join(p["hf_missing_shard"], "model-00001-of-00002.safetensors"))
+    with open(os.path.join(p["hf_missing_shard"], "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {n: f"model-0000{1 + (n == names[-1])}-of-00002.safetensors" for n in names}}, f)
+    own = load_file(os.path.join(p["ckpt"], "model.safetensors"))
+    p["keys_off"] = damaged_copy(p["ckpt"], root / "keys_off", "model.safetensors", b"")  # keys the model lacks
+    save_file({**{k: v for k, v in own.items() if k != "layers.0.attention.wq.weight"}, "extra.weight": torch.zeros(2)},
+              os.path.join(p["keys_off"], "model.safetensors"))
+    p["shape_off"] = damaged_copy(p["ckpt"], root / "shape_off", "model.safetensors", b"")  # a tensor of another shape
+    save_file({**own, "norm.weight": torch.ones(3)}, os.path.join(p["shape_off"], "model.safetensors"))
 
     p["bad_meta"] = damaged_copy(p["ex"], root / "bad_meta", "meta.json", b'{"layout": "examples"')
     os.makedirs(root / "bad_summary" / "memorization")
@@ -142,22 +156,35 @@ CASES = [
     ("prepare-zero-max-tokens", "prepare", ["--max_tokens=0"], "--max_tokens must be at least 1"),
     ("prepare-unknown-layout", "prepare", ["--layout=rows"], "--layout must be one of packed, examples"),
     ("memorize-zero-suffix", "memorize", MEMORIZE + ["--suffix_len=0"], "--suffix_len must be at least 1"),
+    ("memorize-unknown-extract-quantize", "memorize", MEMORIZE + ["--extract_quantize=fp8"],
+     "--extract_quantize must be one of none, int8, not 'fp8'"),
     ("memorize-test-fraction-one", "memorize", MEMORIZE + ["--classifier_test_fraction=1"],
      "--classifier_test_fraction must be above 0 and below 1"),
     ("memorize-prefix-and-suffix-too-long", "memorize", MEMORIZE + ["--suffix_len=12"], "prefix_len + suffix_len"),
     ("sample-fp16", "sample", SAMPLE + ["--dtype=fp16"], "--dtype must be one of fp32, bf16, not 'fp16'"),
     ("sample-zero-top-p", "sample", SAMPLE + ["--top_p=0"], "--top_p must be above 0 and at most 1"),
     ("sample-negative-temperature", "sample", SAMPLE + ["--temperature=-1"], "--temperature must be at least 0"),
+    ("sample-unknown-quantize", "sample", SAMPLE + ["--quantize=int4"], "--quantize must be one of none, int8, not 'int4'"),
     ("sample-missing-prompt-file", "sample", SAMPLE + ["--prompt_file={out}/prompt.txt"], "out/prompt.txt"),
     ("report-negative-start", "report", ["--out={out}", "--started_at=-1"], "--started_at must be at least 0"),
     ("bench-zero-repeats", "bench", ["--repeats=0"], "--repeats must be at least 1"),
     ("bench-one-example", "bench", ["--mem_examples=1"], "--mem_examples must be at least 2"),
+    ("bench-zero-quality-tokens", "bench", ["--quality_tokens=0"], "--quality_tokens must be at least 1"),
+    ("bench-quality-missing-ckpt", "bench", ["--sections=quality", "--ckpt={out}", "--data={ex}"],
+     "checkpoint folder"),
     # files that are damaged, foreign or unsafe
     ("sample-truncated-weights", "sample", ["--ckpt={trunc_weights}"], "trunc_weights/model.safetensors is damaged"),
     ("sample-config-not-json", "sample", ["--ckpt={bad_config}"], "bad_config/config.json is not valid JSON"),
     ("sample-params-not-json", "sample", ["--ckpt={meta_bad_params}"], "meta_bad_params/params.json is not valid"),
     ("sample-pickled-meta-weights", "sample", ["--ckpt={meta_evil}"], "consolidated.00.pth is not a plain tensor"),
     ("sample-unknown-hf-key", "sample", ["--ckpt={hf_unknown}"], "'model.layers.0.mlp.lora_A.weight'"),
+    ("sample-missing-hf-shard", "sample", ["--ckpt={hf_missing_shard}"], "model-00002-of-00002.safetensors is missing"),
+    ("sample-keys-off", "sample", ["--ckpt={keys_off}"],
+     "keys_off do not fit the model (missing: layers.0.attention.wq.weight; unexpected: extra.weight)"),
+    ("sample-shape-off", "sample", ["--ckpt={shape_off}"], "shape_off do not fit its config (norm.weight has shape (3,)"),
+    ("sample-int8-truncated-weights", "sample", ["--ckpt={trunc_weights}", "--quantize=int8"],
+     "trunc_weights/model.safetensors is damaged"),
+    ("sample-int8-keys-off", "sample", ["--ckpt={keys_off}", "--quantize=int8"], "missing: layers.0.attention.wq.weight"),
     ("train-resume-damaged-state", "train", RESUME + ["--out_dir={bad_state}"], "bad_state/train_state.pt is not"),
     ("train-resume-pickled-state", "train", RESUME + ["--out_dir={evil_state}"], "evil_state/train_state.pt is not"),
     ("train-init-from-damaged", "train", TRAIN + ["--init_from={trunc_weights}"], "model.safetensors is damaged"),

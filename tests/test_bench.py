@@ -10,6 +10,7 @@ import torch
 import bench
 from config import UserError, parse_config
 from model import ModelArgs, Transformer
+from quantize import quantized_copy
 
 
 def test_bench_runs_and_its_correctness_checks_hold(capsys):
@@ -46,7 +47,24 @@ def test_decode_bytes_counts_weights_once_and_the_cache_per_row_and_position():
     assert bench.decode_bytes(untied.to(torch.bfloat16), 3, 10) * 2 == bench.decode_bytes(untied.float(), 3, 10)
 
 
+def test_decode_bytes_counts_int8_weights_at_one_byte_and_their_row_scales():
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, max_seq_len=64)
+    for tied in (False, True):
+        model = Transformer(dataclasses.replace(args, tie_word_embeddings=tied))
+        q = quantized_copy(model)
+        linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        rest = sum(p.numel() * 4 for p in model.parameters() if p.dim() == 1)  # the norms stay fp32
+        # every matrix the step reads (the output layer's, shared with the embedding when tied):
+        # one byte per weight and a 4-byte scale per row
+        assert bench.decode_bytes(q, 1, 0) == rest + sum(w.numel() + w.shape[0] * 4 for w in linear)
+
+
 def test_an_unknown_section_is_named_before_any_work():
     cfg = parse_config(bench.BenchConfig, ["--sections=training,decoding"])
     with pytest.raises(UserError, match="unknown decoding; pick from training, generation"):
         bench.bench(cfg)
+
+
+def test_the_quality_section_asks_for_a_trained_model():
+    with pytest.raises(UserError, match="pass --ckpt=out/<run> and --data=data/<name>"):
+        bench.bench(parse_config(bench.BenchConfig, ["--sections=quality", "--skip_hf"]))

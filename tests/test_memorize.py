@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import classifier
 import memorize as mem
-from config import UserError
+import quantize
+from config import UserError, parse_config
 from model import ModelArgs, Transformer
 from prepare import open_split, read_meta, write_dataset
 from tokenizer import train_bpe
@@ -366,6 +367,41 @@ def test_errors_name_the_fix(world, tmp_path):
     with pytest.raises(UserError, match="layout=examples"):
         mem.main([f"--data={packed}", teacher])
     assert not os.path.exists(tmp_path / "r")  # nothing written by a failed run
+
+
+# --- quantized models (quantize.py): refused where flags are made, a sampler for the attack -------
+
+def test_a_quantized_model_is_refused_with_one_line_before_anything_is_written(world, tmp_path):
+    q = quantize.quantized_copy(world["models"]["teacher"])
+    with pytest.raises(UserError, match="quantized"):
+        mem.memorized_flags(q, world["rows"], P, S)
+    cfg = parse_config(mem.MemorizeConfig, [f"--data={world['data']}", f"--out={tmp_path / 'r'}",
+                                            f"--prefix_len={P}", f"--suffix_len={S}"])
+    with pytest.raises(UserError, match="model 'teacher' is quantized"):
+        mem.run(cfg, models={"teacher": q, "baseline": world["models"]["baseline"]})
+    with pytest.raises(UserError, match="--extract_quantize must be one of none, int8, not .fp8."):
+        mem.main([f"--data={world['data']}", f"--models={world['paths']['teacher']}", f"--out={tmp_path / 'r'}",
+                  f"--prefix_len={P}", f"--suffix_len={S}", "--extract_quantize=fp8"])
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_the_attack_samples_from_the_sampler_and_scores_with_its_target(world, monkeypatch):
+    teacher, baseline, tok = world["models"]["teacher"], world["models"]["baseline"], world["tok"]
+    ex = mem.extraction_samples(teacher, None, 4, 10, tok.bos_id, 1, 4, tok, torch.Generator().manual_seed(0),
+                                progress=False, sampler=baseline)  # top-k 1: the sampler's greedy tokens
+    bos = torch.full((4, 1), tok.bos_id)
+    np.testing.assert_array_equal(ex["tokens"], baseline.generate(bos, 10).numpy())
+    with torch.no_grad():
+        target_log_ppl = -mem.token_logprobs(teacher, torch.cat([bos, torch.from_numpy(ex["tokens"])], 1)).mean(1)
+    np.testing.assert_allclose(ex["log_ppl"], target_log_ppl.numpy(), rtol=1e-6)
+    # --extract_quantize=int8 hands the attack an int8 copy of its target as the sampler.
+    seen = {}
+    monkeypatch.setattr(mem, "extraction_samples", lambda target, *a, sampler=None, **k: seen.update(
+        target=target, sampler=sampler) or {"tokens": np.zeros((0, 10), np.int64)})
+    monkeypatch.setattr(mem, "gather_columns", lambda cols, world: cols)
+    cfg = parse_config(mem.MemorizeConfig, ["--extract_samples=4", "--extract_quantize=int8"])
+    mem.run_extraction(cfg, {"teacher": teacher}, read_meta(world["data"]), tok, torch.device("cpu"), 1, 2, 10)
+    assert seen["target"] is teacher and quantize.is_quantized(seen["sampler"])
 
 
 def test_flags_under_a_callers_bf16_autocast_still_equal_fp32_greedy_decoding():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import prepare
+import quantize
 import sample
 from config import UserError
 from model import ModelArgs, Transformer
@@ -51,6 +52,21 @@ def test_missing_checkpoint_and_too_long_prompt_are_clear_errors(ckpt, tmp_path)
     with pytest.raises(UserError, match="shorten it"):
         sample.main([f"--ckpt={path}", "--prompt=" + "word " * 400])
 
+
+def test_quantize_int8_streams_the_int8_models_greedy_tokens(ckpt, capsys):
+    path, _, tok = ckpt
+    sample.main([f"--ckpt={path}", "--prompt=To be", "--temperature=0", "--max_new_tokens=12", "--quantize=int8"])
+    out = capsys.readouterr().out
+    q = quantize.from_pretrained(str(path), "int8")
+    new = q.generate(torch.tensor([tok.encode("To be", bos=True)]), 12, stop_tokens={tok.eos_id})[0].tolist()
+    if tok.eos_id in new:
+        new = new[:new.index(tok.eos_id)]
+    # The printer holds back a character whose bytes have not all arrived: the text ends at the
+    # last token after which the decoded text is whole.
+    whole = next(tok.decode(new[:j]) for j in range(len(new), -1, -1) if not tok.decode(new[:j]).endswith("\ufffd"))
+    assert out == "To be" + whole + "\n"
+    with pytest.raises(UserError, match="--quantize must be one of none, int8, not .int4."):
+        sample.main([f"--ckpt={path}", "--quantize=int4"])
 
 
 def test_a_model_trained_on_packed_documents_stops_at_their_end(tmp_path, capsys):

@@ -1,0 +1,182 @@
+"""
+Weight-only row-wise int8 quantization of a Transformer, for faster decoding.
+
+- Why: decoding at a small batch reads every weight once per token, so the bytes of the weights
+  bound its speed. int8 weights with one scale per output row are 4x fewer bytes than fp32 and 2x
+  fewer than bf16; the activations stay in floating point (weight-only). How much faster that makes
+  decoding depends on the kernel: on the project's earlier 2-core test VM (AMD EPYC, Zen 4) it
+  multiplies 15 G int8 weights/s against 8.4 G fp32 ones, so 1.9x on the Llama 3.2 1B shape and
+  nothing on the small bench shape, where per-operation overhead dominates (README, "Decoding with
+  int8 weights").
+- Row-wise: scale = max |row| / 127 and q = round(w / scale), so each weight is off by at most
+  scale / 2; the scale absorbs rows of very different sizes (Llama 3 paper, section 6.2, computes
+  its FP8 scale factors across rows for the same reason).
+- On a CPU, decoding's few rows go through PyTorch's int8 weight-only kernel with the activations
+  in bf16 (its fast path; with fp32 activations it runs 14-48x slower on that AMD EPYC VM), and a
+  prefill's many rows through one bf16 matmul on the weight converted to bf16.
+  Elsewhere the int8 weight is converted to the activations' dtype and multiplied, then each output
+  scaled: memory is saved there, not time. (CUDA has the int8 kernel too: untested here, no GPU.)
+- The paper's choices are options of `quantize`: `layers="ffn"` quantizes the feed-forward layers
+  only, leaving self-attention in the model's dtype, and `keep_ends=True` leaves the first and
+  last blocks and the output layer unquantized ("akin to Zhang et al. (2021), we do not perform
+  quantization in the first and last Transformer layers"). Together they are the paper's choice of
+  what to quantize. With tied embeddings (Llama 3.2) a quantized output layer shares its int8 table
+  with the embedding lookup.
+- `from_pretrained` quantizes while loading, one tensor at a time, so memory never holds the whole
+  model in floating point; `quantized_copy` does the same from a model already in memory.
+
+Not here: the paper's own scheme is FP8 (e4m3) for weights *and* activations with dynamic
+row-wise activation scales capped at 1200, through `torch._scaled_mm` on Hopper GPUs. Weight-only
+int8 needs no activation scales, so the cap has no counterpart here; the FP8 path is left out
+because no GPU was available to test it.
+
+    model = quantize(Transformer.from_pretrained("out/small"))                  # every linear layer
+    model = quantize(Transformer.from_pretrained("out/small"), layers="ffn", keep_ends=True)  # the paper's
+    model = from_pretrained("path/Llama-3.2-1B", "int8", dtype=torch.bfloat16)      # while loading
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import empty_model, load_weights, read_checkpoint
+
+KINDS = ("none", "int8")
+LAYERS = ("all", "ffn")
+CHUNK_ELEMENTS = 1 << 20  # rows are quantized in chunks of about this many weights (4 MB in fp32)
+# The CPU kernel works one input row at a time (about 0.2 ms per row on an 8192 x 2048 weight, 2
+# threads of the AMD EPYC VM); converting the weight to bf16 for one bf16 matmul costs about 10 ms
+# whatever the rows: from about 50 rows (a prefill, a perplexity evaluation) the conversion is faster.
+KERNEL_MAX_ROWS = 48
+
+
+def quantize_rows(w):
+    """(q, scale) for a float matrix w (N, K): q int8 (N, K) and scale (N,) in w's dtype, with
+    |w - q * scale| <= scale / 2 for every weight. Row chunks bound the temporaries."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, w.shape[1]))
+    for i in range(0, w.shape[0], step):
+        rows = w[i:i + step].float()
+        # The scale as stored (rounded to w's dtype) is the one q is computed with, so the bound
+        # holds for it; a row of zeros gets scale 1 (any scale gives q = 0).
+        s = (rows.abs().amax(1) / 127).to(w.dtype).float()
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[i:i + step] = (rows / s[:, None]).round_().clamp_(-127, 127)
+        scale[i:i + step] = s
+    return q, scale
+
+
+class Int8Rows(nn.Module):
+    """An int8 weight (N, K) and one scale per row (N,). Loading a float `weight` into it (as
+    model.load_weights does, or load_state_dict) quantizes it on the way in."""
+
+    def __init__(self, weight, scale):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scale", scale)
+        self.register_load_state_dict_pre_hook(self._quantize_on_load)
+
+    @classmethod
+    def quantized(cls, float_weight):
+        return cls(*quantize_rows(float_weight.detach()))
+
+    @staticmethod
+    def _quantize_on_load(module, state_dict, prefix, *_):
+        w = state_dict.get(prefix + "weight")
+        if w is not None and w.is_floating_point():
+            state_dict[prefix + "weight"], state_dict[prefix + "scale"] = quantize_rows(w)
+
+    def dequantized(self):
+        return self.weight.to(self.scale.dtype) * self.scale[:, None]
+
+
+def kernel_matmul(x, q, scale):
+    """x (..., K) times (q * scale[:, None])^T through PyTorch's CPU int8 weight-only kernel, which
+    takes 2-D bf16 rows: the activations are rounded to bf16 and the result returned in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    y = torch.ops.aten._weight_int8pack_mm(rows, q, scale.to(torch.bfloat16))
+    return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def dequantized_matmul(x, q, scale, dtype):
+    """The same product through a copy of the weight converted to dtype, returned in x's dtype:
+    scaling each output after the matmul equals scaling each row of the weight before it."""
+    return (F.linear(x.to(dtype), q.to(dtype)) * scale.to(dtype)).to(x.dtype)
+
+
+class Int8Linear(Int8Rows):
+    """y = x W^T with W = q * scale[:, None]: x (..., K) -> (..., N) in x's dtype. On a CPU, the int8
+    kernel for a few rows (decoding) and a bf16 matmul for many (prefill); elsewhere x's dtype."""
+
+    def forward(self, x):
+        if x.device.type != "cpu":
+            return dequantized_matmul(x, self.weight, self.scale, x.dtype)
+        if x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]:
+            return kernel_matmul(x, self.weight, self.scale)
+        return dequantized_matmul(x, self.weight, self.scale, torch.bfloat16)
+
+
+class Int8Embedding(Int8Rows):
+    """The embedding lookup from an int8 table: each looked-up row times its scale, in the scale's
+    dtype (the model's). A tied output layer (Llama 3.2) shares the table and its scales."""
+
+    def forward(self, tokens):
+        return F.embedding(tokens, self.weight).to(self.scale.dtype) * self.scale[tokens, None]
+
+
+def chosen_layers(model, layers="all", keep_ends=False):
+    """Names of the linear layers `quantize` converts (see the module docstring for the options)."""
+    if layers not in LAYERS:
+        raise ValueError(f"layers is one of {', '.join(LAYERS)}, not {layers!r}")
+    kept_blocks = {0, model.args.n_layers - 1} if keep_ends else set()
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name == "output":
+            if layers == "all" and not keep_ends:
+                names.append(name)
+            continue
+        block = int(name.split(".")[1])  # layers.<i>.attention.wq, layers.<i>.feed_forward.w1, ...
+        if block not in kept_blocks and (layers == "all" or ".feed_forward." in name):
+            names.append(name)
+    return names
+
+
+def quantize(model, kind="int8", layers="all", keep_ends=False):
+    """Convert a Transformer's linear layers to row-wise int8 in place and return it; works on a
+    model built on the meta device too (then each layer quantizes the weight it is loaded with).
+    With tied embeddings (Llama 3.2) a quantized output layer takes the embedding with it: both
+    read one int8 table. kind: "int8", or "none" to leave the model as it is."""
+    if kind not in KINDS:
+        raise ValueError(f"kind is one of {', '.join(KINDS)}, not {kind!r}")
+    if kind == "none":
+        return model
+    for name in chosen_layers(model, layers, keep_ends):
+        parent, _, child = name.rpartition(".")
+        linear = model.get_submodule(name)
+        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear.quantized(linear.weight))
+    if model.args.tie_word_embeddings and isinstance(model.output, Int8Linear):
+        model.tok_embeddings = Int8Embedding(model.output.weight.data, model.output.scale)
+        model.tie_weights()
+    return model
+
+
+def is_quantized(model):
+    return any(isinstance(m, Int8Rows) for m in model.modules())
+
+
+def from_pretrained(path, kind="int8", device="cpu", dtype=torch.float32, layers="all", keep_ends=False):
+    """A checkpoint folder (any format model.from_pretrained reads) quantized as it is read: the
+    layers are converted on the empty model, then each tensor is loaded (and quantized) in turn, so
+    memory holds the quantized model and about one tensor of the checkpoint at most."""
+    args, tensors = read_checkpoint(path)
+    return load_weights(quantize(empty_model(args), kind, layers, keep_ends), tensors, device, dtype, source=path)
+
+
+def quantized_copy(model, kind="int8", layers="all", keep_ends=False):
+    """A quantized copy of a model in memory, built tensor by tensor (never two float copies)."""
+    p = model.norm.weight
+    tensors = model.state_dict().items()
+    return load_weights(quantize(empty_model(model.args), kind, layers, keep_ends), tensors, p.device, p.dtype)

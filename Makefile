@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test reproduce robustness sweep-temperature filter bench clean-reproduce
+.PHONY: setup test reproduce robustness study sweep-temperature filter bench clean-reproduce
 
 # ---- environment -----------------------------------------------------------------------------
 # The virtual environment, rebuilt when the requirements change.
@@ -46,7 +46,9 @@ TRAIN_CODE := train.py model.py config.py prepare.py
 # than one step on two threads). make JOBS=1 runs one step at a time on every core.
 JOBS    ?= 2
 THREADS ?= $(shell n=$$(( $$(nproc) / $(JOBS) )); echo $$(( n > 0 ? n : 1 )))
+ifeq ($(MAKELEVEL),0)
 MAKEFLAGS += -j$(JOBS)
+endif
 LAUNCH  ?= OMP_NUM_THREADS=$(THREADS) $(PY)
 INPUT   ?=
 TOKENIZER ?=
@@ -113,9 +115,14 @@ reproduce: $(OUT)/memorization/summary.json
 ROBUSTNESS ?= out/robustness
 FAMILY_SEEDS ?= 1 2 3
 robustness:
-	$(foreach k,$(FAMILY_SEEDS),$(MAKE) --no-print-directory reproduce $(if $(filter $(k),$(firstword $(FAMILY_SEEDS))),sweep-temperature filter) \
+	+$(foreach k,$(FAMILY_SEEDS),$(MAKE) --no-print-directory $(if $(filter $(k),$(firstword $(FAMILY_SEEDS))),study,reproduce) \
 	  FAMILY_SEED=$(k) OUT=$(ROBUSTNESS)/seed$(k) && ) true
 	$(PY) report.py --families=$(subst $() ,$(comma),$(foreach k,$(FAMILY_SEEDS),$(ROBUSTNESS)/seed$(k))) --out=$(ROBUSTNESS)
+
+# reproduce, sweep-temperature and filter in one go, with one report at the end (three reports
+# written side by side would race for the same files).
+study: $(OUT)/memorization/summary.json $(OUT)/sweep/summary.json $(OUT)/filter/summary.json
+	$(PY) report.py --out=$(OUT) --started_at=$(START)
 
 # The soft student at T = 1, 2, 3, 4 (T = 2 is the one above), measured and added to the report.
 TEMPERATURES := 1 3 4

@@ -201,6 +201,16 @@ def greedy_continuations(teacher, rows, prompt, batch_size, device, progress=Tru
     return out
 
 
+def read_stamp(path):
+    """What cached generations were made from, or None when the stamp is missing or damaged (the
+    generations are then made again: they are a cache, never the only copy of anything)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def teacher_generations(cfg, data_meta, ctx):
     """The hard-distillation dataset folder: made once, then reused while teacher, data and prompt
     stay the same (without loading the teacher at all). Under torchrun every rank generates a
@@ -210,7 +220,7 @@ def teacher_generations(cfg, data_meta, ctx):
     stamp = {"teacher": weights_digest(cfg.teacher), "data_tokenizer": data_meta["tokenizer_sha256"],
              "data_splits": data_meta["splits"], "prompt_tokens": prompt}
     stamp_file = os.path.join(path, "teacher_stamp.json")
-    if os.path.isfile(stamp_file) and json.load(open(stamp_file)) == stamp:
+    if read_stamp(stamp_file) == stamp:
         return path
     if data_meta["layout"] != "examples":
         raise UserError("hard distillation needs fixed-length examples; prepare the data with --layout=examples")

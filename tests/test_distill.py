@@ -217,6 +217,18 @@ def test_hard_distillation_frees_the_teacher_and_does_not_load_it_for_reused_gen
     assert before == (one_process_hard / "teacher_data" / "train.bin").read_bytes()
 
 
+def test_a_damaged_generation_stamp_makes_the_generations_again(teacher, one_process_hard, tmp_path, monkeypatch):
+    data, t = teacher
+    distill.main(tiny_run(data, tmp_path, teacher=t, **HARD))
+    (tmp_path / "teacher_data" / "teacher_stamp.json").write_text('{"teacher": ')  # cut short
+    (tmp_path / "teacher_data" / "train.bin").write_bytes(b"")  # would fail if reused
+    loads, load = [], distill.load_teacher
+    monkeypatch.setattr(distill, "load_teacher", lambda cfg, device: loads.append(1) or load(cfg, device))
+    distill.main(tiny_run(data, tmp_path, teacher=t, overwrite=True, **HARD))
+    assert loads == [1]
+    assert (tmp_path / "teacher_data" / "train.bin").read_bytes() == (one_process_hard / "teacher_data" / "train.bin").read_bytes()
+
+
 def test_hard_distillation_generates_in_shares_under_torchrun_and_matches_one_process(
         teacher, one_process_hard, tmp_path):
     data, t = teacher

@@ -451,7 +451,8 @@ def main(argv):
         print(f"dedup removed {meta['dedup_removed']} duplicate {unit}")
     for split, info in meta["splits"].items():
         rows = f", {info['examples']:,} examples of {cfg.example_len}" if cfg.layout == "examples" else ""
-        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens{rows}")
+        docs = info["documents"]
+        print(f"{split}: {docs:,} document{'' if docs == 1 else 's'}, {info['tokens']:,} tokens{rows}")
     print(f"wrote {out} ({meta['dtype']}, vocabulary {meta['vocab_size']:,})")
     if not meta["splits"]["val"]["tokens"]:
         print("note: no validation data, which train.py needs; prepare with --val_fraction above 0 for it")

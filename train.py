@@ -563,6 +563,13 @@ def mean_over_ranks(values, ctx):
     return dict(zip(values, t.tolist()))
 
 
+def run_name(out_dir):
+    """The run folder and its parent (out/reproduce/teacher -> reproduce/teacher): which run a
+    progress line is about, when make runs several side by side."""
+    parts = os.path.normpath(os.path.abspath(out_dir)).split(os.sep)
+    return "/".join(parts[-2:])
+
+
 def accumulate_gradients(train_model, batches, loss_fn, ctx):
     """Forward and backward over this process's micro-batches of one step. Returns the loss and
     loss_fn's metrics averaged over the global batch, as if it were one big batch."""
@@ -845,7 +852,7 @@ def train(cfg, loss_fn=None, setup_hook=None, data_hook=None):
         if step == 0:
             track_memorization(0)
         bar = progress_bar(total=total_steps, initial=step, disable=not ctx.is_main,
-                           desc=f"train {os.path.basename(os.path.normpath(cfg.out_dir))}", unit="step")
+                           desc=f"train {run_name(cfg.out_dir)}", unit="step")
         start_step, stats, val, train_time = step, {}, None, 0.0
         window_steps, window_time = 0, 0.0  # since the last training row of the log
         while step < stop_step:

@@ -331,12 +331,14 @@ def planted_section(s):
 def dynamics_section(d):
     if not d:
         return []
-    epochs = sorted({p["epoch"] for c in d["curves"].values() for p in c})
+    # A measurement is taken at the first step at or past each tracked epoch, so a run whose epochs
+    # end inside a batch logs 1.0021 where another logs 1: one column, to a tenth of an epoch.
+    epochs = sorted({round(p["epoch"], 1) for c in d["curves"].values() for p in c})
     lines = ["\n## Memorization dynamics\n\n", "Memorized examples of D, measured during training (the teacher-forced "
-             "flag of memorize.py, in fp32), at each tracked epoch:\n\n",
+             "flag of memorize.py, in fp32), at each tracked epoch (to a tenth):\n\n",
              "| model | " + " | ".join(f"epoch {e:g}" for e in epochs) + " |\n", "|---" * (len(epochs) + 1) + "|\n"]
     for n, c in d["curves"].items():
-        at = {p["epoch"]: p["memorized"] for p in c}
+        at = {round(p["epoch"], 1): p["memorized"] for p in c}
         lines.append(f"| {n} | " + " | ".join(str(at.get(e, "-")) for e in epochs) + " |\n")
     for n, c in d["follows"].items():
         last = c[-1]
@@ -350,7 +352,7 @@ def dynamics_section(d):
 def write_report(s, out):
     lines = ["# Reproduction: memorization in knowledge distillation, at small scale\n\n",
              f"{s['n_examples']:,} distinct training examples ({s.get('n_rows', s['n_examples']):,} rows) of "
-             f"{s['example_len']} tokens; prefix {s['prefix_len']} tokens (BOS included), suffix {s['suffix_len']}. "
+             f"{s['example_len']} tokens; prompt BOS + {s['prefix_len']} tokens, suffix {s['suffix_len']}. "
              + (f"Wall time of the pipeline: {s['wall_seconds']:.0f} s.\n\n" if s.get("wall_seconds") else "\n\n"),
              "## The family\n\n", headline(s), "\n"]
     if s["regime"]:

@@ -266,8 +266,9 @@ def sweep_section(path):
     return {"students": table, "falls_with_temperature": falls}, lines
 
 
-def filter_section(path, before):
-    """The student distilled on data without the examples the classifier flagged (make filter)."""
+def filter_section(path, before, full):
+    """The student distilled on data without the examples the classifier flagged (make filter);
+    full is the family's summary, for what the filter removed."""
     if not os.path.isfile(path) or before is None:
         return None, []
     done = load(path)
@@ -275,11 +276,15 @@ def filter_section(path, before):
         return {"skipped": done["skipped"]}, ["\n## Filtering before distillation (make filter)\n\n"
                                              f"Not run: {done['skipped']}.\n"]
     after = done["models"]["student_filtered"]
+    n, rows = full["n_examples"], full.get("n_rows", full["n_examples"])
+    removed, removed_rows = n - done["n_examples"], rows - done.get("n_rows", done["n_examples"])
     f = {"before": before, "after": after["memorized"], "after_rate": after["memorization_rate"],
-         "after_val_ppl": after["val_ppl"]}
+         "after_val_ppl": after["val_ppl"], "removed_examples": removed, "removed_rows": removed_rows}
     lines = ["\n## Filtering before distillation (make filter)\n\n",
-             f"The soft student memorized {before} examples of D; distilled again on D without the examples the "
-             f"classifier flagged, it memorizes {after['memorized']} of the remaining ones "
+             f"The classifier flagged {removed:,} of the {n:,} distinct examples of D ({removed_rows:,} of its "
+             f"{rows:,} rows: every copy of a flagged example goes). "
+             f"The soft student memorized {before} examples of D; distilled again on D without the flagged ones, "
+             f"it memorizes {after['memorized']} of the remaining ones "
              f"(validation perplexity {fmt_num(after['val_ppl'])}). The paper: far fewer memorized examples after "
              "filtering (706 -> 4).\n"]
     return f, lines
@@ -418,7 +423,7 @@ def report_family(cfg):
         s["wall_seconds"] = load(previous).get("wall_seconds")
     s["sweep"], s["_sweep_lines"] = sweep_section(os.path.join(cfg.out, "sweep", "summary.json"))
     soft_before = s["models"].get("student_soft", {}).get("memorized")
-    s["filtering"], s["_filter_lines"] = filter_section(os.path.join(cfg.out, "filter", "summary.json"), soft_before)
+    s["filtering"], s["_filter_lines"] = filter_section(os.path.join(cfg.out, "filter", "summary.json"), soft_before, s)
     s["regime"] = regime(s)
     s["findings"] = findings(s, s["sweep"], s["filtering"])
     # On the natural examples alone: validation perplexity is not a property of a subset of D.

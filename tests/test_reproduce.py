@@ -47,7 +47,10 @@ def write_preset(tmp_path):
 def make(target, preset, tmp_path, *args):
     cmd = ["make", target, f"PRESET={preset}", f"DATA={tmp_path}/data/tiny", f"BASE_DATA={tmp_path}/data/tiny_base",
            f"BASES={tmp_path}/bases", f"ROBUSTNESS={tmp_path}/robustness", "SEEDS=2", *args]
-    return subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600).stdout
+    # A fresh top-level make, as a user's: under `make test` the outer make's settings would make this
+    # one a sub-make without job slots, and the steps would run one at a time instead of side by side.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    return subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600, env=env).stdout
 
 
 def records(folder):

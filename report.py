@@ -116,12 +116,11 @@ def findings(s, sweep=None, filtering=None, perplexity=True):
         f"{base['memorized']} vs {soft['memorized']}" + (f" ({r:.1f}x less)" if r else ""), r,
         soft["memorized"] < base["memorized"] if base["memorized"] else None)
     if perplexity:
-        if base.get("val_ppl") and soft.get("val_ppl"):
-            add("perplexity", "... at no worse validation perplexity", "17.31 vs 17.69",
-                f"{soft['val_ppl']:.2f} vs {base['val_ppl']:.2f}", soft["val_ppl"] / base["val_ppl"],
-                soft["val_ppl"] <= base["val_ppl"])
-        else:
-            add("perplexity", "... at no worse validation perplexity", "17.31 vs 17.69", "no validation perplexity")
+        b, st = base.get("val_ppl"), soft.get("val_ppl")
+        judged = bool(b and st)
+        add("perplexity", "... at no worse validation perplexity", "17.31 vs 17.69",
+            f"{st:.2f} vs {b:.2f}" if judged else "no validation perplexity",
+            st / b if judged else None, st <= b if judged else None)
     share = easy.get("share_soft")
     add("easy", "what the soft student memorizes is 'easy' (teacher and a baseline both memorize it): at least 90%",
         f"{100 * PAPER['easy_share']:.1f}%", "the soft student memorized none" if share is None else f"{100 * share:.1f}%",
@@ -136,19 +135,14 @@ def findings(s, sweep=None, filtering=None, perplexity=True):
         add("hard_over_soft", "hard distillation inherits more teacher-specific examples than soft",
             f"{PAPER['hard_over_soft']}x (50 vs 18)", f"{hard_n} vs {soft_n}" + (f" ({r:.1f}x)" if r else ""), r,
             hard_n > soft_n if hard_n or soft_n else None)  # neither inheriting any says nothing
-    if clf.get("auc_mean") is not None:
-        add("auc", "pre-distillation features predict the soft student's memorization: AUC at least 0.9",
-            f"AUC {PAPER['auc']}", f"AUC {clf['auc_mean']:.4f} ± {clf['auc_std']:.4f}", clf["auc_mean"],
-            clf["auc_mean"] >= 0.9)
-        z = clf["coefficients"]["zlib_entropy"]["mean"]
-        add("zlib", "low zlib entropy (compressible text) raises the risk: negative coefficient",
-            f"{PAPER['zlib_coefficient']}", f"{z:+.2f}", z, z < 0)
-    else:
-        reason = f"no classifier ({clf.get('status', 'not run')})"
-        add("auc", "pre-distillation features predict the soft student's memorization: AUC at least 0.9",
-            f"AUC {PAPER['auc']}", reason)
-        add("zlib", "low zlib entropy (compressible text) raises the risk: negative coefficient",
-            f"{PAPER['zlib_coefficient']}", reason)
+    fitted = clf.get("auc_mean") is not None
+    reason = f"no classifier ({clf.get('status', 'not run')})"
+    z = clf["coefficients"]["zlib_entropy"]["mean"] if fitted else None
+    add("auc", "pre-distillation features predict the soft student's memorization: AUC at least 0.9",
+        f"AUC {PAPER['auc']}", f"AUC {clf['auc_mean']:.4f} ± {clf['auc_std']:.4f}" if fitted else reason,
+        clf.get("auc_mean"), clf["auc_mean"] >= 0.9 if fitted else None)
+    add("zlib", "low zlib entropy (compressible text) raises the risk: negative coefficient",
+        f"{PAPER['zlib_coefficient']}", f"{z:+.2f}" if fitted else reason, z, z < 0 if fitted else None)
     if sweep:
         counts = [v["memorized"] for v in sweep["students"].values()]
         add("temperature", "a higher temperature, less memorization (T = 1, 2, 3, 4)", "falls with T",
@@ -162,8 +156,6 @@ def findings(s, sweep=None, filtering=None, perplexity=True):
             add("filtering", name, PAPER["filtering"], f"{before} -> {after}", ratio(after, before),
                 after <= 0.1 * before if before else None)
     return out
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,8 +268,8 @@ def filter_section(path, before, full):
         return {"skipped": done["skipped"]}, ["\n## Filtering before distillation (make filter)\n\n"
                                              f"Not run: {done['skipped']}.\n"]
     after = done["models"]["student_filtered"]
-    n, rows = full["n_examples"], full.get("n_rows", full["n_examples"])
-    removed, removed_rows = n - done["n_examples"], rows - done.get("n_rows", done["n_examples"])
+    n, rows = full["n_examples"], full["n_rows"]
+    removed, removed_rows = n - done["n_examples"], rows - done["n_rows"]
     f = {"before": before, "after": after["memorized"], "after_rate": after["memorization_rate"],
          "after_val_ppl": after["val_ppl"], "removed_examples": removed, "removed_rows": removed_rows}
     lines = ["\n## Filtering before distillation (make filter)\n\n",

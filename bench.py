@@ -248,9 +248,9 @@ def decode_bytes(model, batch, context):
 def bench_generation(cfg, args, device, model, hf):
     section(f"greedy generation with the KV cache: prompt {cfg.prompt_len}, {cfg.new_tokens} new tokens, fp32 "
             "(and our model with bf16 weights, as sample.py --dtype=bf16 loads it, and with int8 weights)")
-    half = bf16_copy(model)  # copies made tensor by tensor: never two fp32 models at once
-    int8 = {"int8 weights": quantized_copy(model).eval(),
-            "int8 paper's layers": quantized_copy(model, layers="ffn", keep_ends=True).eval()}
+    ours = {"ours": model, "ours bf16 weights": bf16_copy(model),  # copies made tensor by tensor
+            "ours int8 weights": quantized_copy(model).eval(),
+            "ours int8 paper's layers": quantized_copy(model, layers="ffn", keep_ends=True).eval()}
     bandwidth, source = memory_bandwidth(cfg, device)
     context = cfg.prompt_len + cfg.new_tokens / 2  # the cache's mean length while decoding
     print(f"  memory bandwidth {bandwidth / 1e9:,.0f} GB/s ({source}); bound = batch x bandwidth / bytes "
@@ -259,19 +259,17 @@ def bench_generation(cfg, args, device, model, hf):
     for b in (1, 8):
         prompt = torch.randint(0, args.vocab_size, (b, cfg.prompt_len), generator=torch.Generator().manual_seed(b))
         prompt = prompt.to(device)
-        fns = {f"ours, batch {b}": lambda: model.generate(prompt, cfg.new_tokens),
-               f"ours bf16 weights, batch {b}": lambda: half.generate(prompt, cfg.new_tokens)}
-        for name, m in int8.items():
-            fns[f"ours {name}, batch {b}"] = lambda m=m: m.generate(prompt, cfg.new_tokens)
+        fns = {f"{name}, batch {b}": (lambda m=m: m.generate(prompt, cfg.new_tokens)) for name, m in ours.items()}
         if hf is not None:
             fns[f"transformers generate, batch {b}"] = lambda: hf_generate(hf, prompt, cfg.new_tokens)
         for name, t in time_in_turn(fns, cfg, device).items():
-            ours = half if "bf16" in name else next((m for k, m in int8.items() if k in name), model)
-            bound = b * bandwidth / decode_bytes(ours, b, context)
+            weights = ours.get(name.rsplit(",", 1)[0], model)  # transformers: the same fp32 weights as ours
+            bound = b * bandwidth / decode_bytes(weights, b, context)
             rate = [b * cfg.new_tokens / s for s in t]
             rates[name] = show(name, rate, "tokens/s", f"{statistics.median(rate) / bound:.0%} of the bandwidth bound")
-        ours = model.generate(prompt, cfg.new_tokens)
-        agree = [f"{name.split(',')[0]} {(fn() == ours).float().mean().item():.0%}" for name, fn in list(fns.items())[1:]]
+        reference = model.generate(prompt, cfg.new_tokens)
+        agree = [f"{name.split(',')[0]} {(fn() == reference).float().mean().item():.0%}"
+                 for name, fn in list(fns.items())[1:]]
         print(f"  tokens equal to ours (fp32) at batch {b}: " + ", ".join(agree))
     return rates
 

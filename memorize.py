@@ -228,6 +228,19 @@ def shard_range(n, rank, world):
     return n * rank // world, n * (rank + 1) // world
 
 
+def batch_share(n, batch_size, rank, world):
+    """The items [lo, hi) that rank takes: whole batches of one process's batching, so that every item
+    is computed in the same batch as in one process, and a batch's random draws (seeded by its
+    number, lo // batch_size onwards) are the same whatever the number of processes."""
+    lo, hi = shard_range(-(-n // batch_size), rank, world)
+    return lo * batch_size, min(hi * batch_size, n)
+
+
+def batch_generator(device, seed, batch_start, batch_size):
+    """The random stream of the batch that starts at item batch_start."""
+    return torch.Generator(device=device).manual_seed(seed + batch_start // batch_size)
+
+
 @torch.no_grad()
 def measure_examples(models, rows, prefix_len, suffix_len, batch_size=32, generate=False, sample_tries=0,
                      sample_top_k=40, min_k_percent=20.0, tokenizer=None, seed=0, rank=0, world=1,
@@ -239,9 +252,8 @@ def measure_examples(models, rows, prefix_len, suffix_len, batch_size=32, genera
     {column: numpy array} for this rank's shard, with "index" (the row number) first."""
     teacher, baselines, _ = family_roles(list(models))
     device = next(iter(models.values())).tok_embeddings.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed + rank)
     index = np.arange(len(rows)) if index is None else np.asarray(index)
-    lo, hi = shard_range(len(index), rank, world)
+    lo, hi = batch_share(len(index), batch_size, rank, world)
     prompt, out = prompt_len(prefix_len), {}
     for i in progress_bar(range(lo, hi, batch_size), desc="memorization", unit="batch",
                           disable=not progress or rank != 0):
@@ -261,7 +273,8 @@ def measure_examples(models, rows, prefix_len, suffix_len, batch_size=32, genera
                 cols[f"{n}.match_fraction"] = cols[f"{n}.match_count"] / suffix_len
                 cols[f"{n}.generated_first_mismatch"] = first.cpu().numpy()
             if sample_tries > 0:
-                chosen = sampled_suffixes(m, prompts, suffix_len, sample_tries, sample_top_k, generator)
+                chosen = sampled_suffixes(m, prompts, suffix_len, sample_tries, sample_top_k,
+                                          batch_generator(device, seed, i, batch_size))
                 cols[f"{n}.sampled_memorized"] = (chosen == truth).all(1).cpu().numpy()
         # Columns are allocated once for the whole shard: many small arrays kept alive between the
         # batches' large temporaries fragment the heap, and memory then grows with N.
@@ -398,19 +411,19 @@ class NgramIndex:
 
 
 @torch.no_grad()
-def extraction_samples(target, reference, n, length, bos_id, top_k, batch_size, tokenizer, generator,
+def extraction_samples(target, reference, n, length, bos_id, top_k, batch_size, tokenizer, seed,
                        rank=0, world=1, progress=True, sampler=None):
     """This rank's share of n samples of `length` tokens from <|begin_of_text|> (top-k sampling), with
     the attack's scores: log-perplexity under target and reference, zlib entropy of the text.
     sampler: a faster copy of target to draw the samples from (int8), else target itself."""
     device = target.tok_embeddings.weight.device
-    lo, hi = shard_range(n, rank, world)
+    lo, hi = batch_share(n, batch_size, rank, world)
     parts = []
     for i in progress_bar(range(lo, hi, batch_size), desc="extraction", unit="batch",
                           disable=not progress or rank != 0):
         prompt = torch.full((min(batch_size, hi - i), 1), bos_id, dtype=torch.long, device=device)
         tokens = torch.cat([prompt, (sampler or target).generate(prompt, length, temperature=1.0, top_k=top_k,
-                                                                generator=generator)], 1)
+                                                                generator=batch_generator(device, seed, i, batch_size))], 1)
         samples = tokens[:, 1:].cpu().numpy()
         cols = {"tokens": samples, "log_ppl": -token_logprobs(target, tokens).mean(1).cpu().numpy(),
                 "zlib_entropy": zlib_entropy(tokenizer, tokens.cpu().numpy())}
@@ -723,11 +736,11 @@ def _run(cfg, models, paths, meta, rows, tokenizer, device, rank, world, extract
                             cfg.sample_tries, cfg.sample_top_k, cfg.min_k_percent, tokenizer, cfg.seed, rank, world,
                             index=first)
     cols = gather_columns(cols, world)
-    cols = {"index": cols.pop("index"), "copies": copies, **cols}
     val_ppl = {n: validation_perplexity(cfg, meta, m, rank, world) for n, m in models.items()}
     extraction = run_extraction(cfg, models, meta, tokenizer, device, rank, world, extract_len)
     if rank != 0:
         return None
+    cols = {"index": cols.pop("index"), "copies": copies, **cols}
 
     os.makedirs(cfg.out, exist_ok=True)
     family = compare_family({n: cols[f"{n}.memorized"] for n in names})
@@ -852,10 +865,9 @@ def run_extraction(cfg, models, meta, tokenizer, device, rank, world, extract_le
     target = cfg.extract_model or teacher or next(iter(models))
     # Carlini et al. compare with a smaller model trained on similar data; here, a baseline.
     reference = cfg.extract_reference or next((b for b in baselines if b != target), "none")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 7919 + rank)
     sampler = quantized_copy(models[target], cfg.extract_quantize) if cfg.extract_quantize != "none" else None
     ex = extraction_samples(models[target], models.get(reference), cfg.extract_samples, extract_len, meta["bos_id"],
-                            cfg.extract_top_k, cfg.batch_size, tokenizer, generator, rank, world, sampler=sampler)
+                            cfg.extract_top_k, cfg.batch_size, tokenizer, cfg.seed + 7919, rank, world, sampler=sampler)
     ex = gather_columns(ex, world)
     if rank != 0:
         return None

@@ -4,6 +4,8 @@ classifier and filter, the extraction attack's index, the command line and its e
 import json
 import math
 import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -17,7 +19,10 @@ import quantize
 from config import UserError, parse_config
 from model import ModelArgs, Transformer
 from prepare import open_split, read_meta, write_dataset
+from test_distributed import free_port
 from tokenizer import train_bpe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 L, P, S = 24, 7, 8  # examples of 24 tokens (BOS included), prompts of BOS + 7, suffix 8
 N_TRAIN = 16
@@ -133,6 +138,33 @@ def test_shards_over_ranks_concatenate_to_the_whole(world):
              for r in range(3)]
     for c in whole:
         np.testing.assert_allclose(np.concatenate([p[c] for p in parts]), whole[c], rtol=1e-5, err_msg=c)
+
+
+def test_batch_shares_are_whole_batches_that_cover_every_item_once():
+    for n, batch_size, world in [(48, 8, 2), (50, 8, 3), (5, 8, 2), (64, 4, 8)]:
+        shares = [mem.batch_share(n, batch_size, rank, world) for rank in range(world)]
+        assert [lo for lo, _ in shares[1:]] == [hi for _, hi in shares[:-1]]  # contiguous, in rank order
+        assert shares[0][0] == 0 and shares[-1][1] == n
+        assert all(lo % batch_size == 0 for lo, _ in shares)  # one process's batches, never cut
+
+
+def test_under_torchrun_the_report_equals_one_process(world, tmp_path):
+    # Two processes split the examples, the attack's samples and the val rows; rank 0 writes. Every
+    # random draw is seeded by its batch, so the sampled columns and the attack come out the same.
+    args = [f"--data={world['data']}", models_arg(world), f"--prefix_len={P}", f"--suffix_len={S}", "--batch_size=5",
+            "--generate=true", "--sample_tries=2", "--extract_samples=12", "--classifier_min_positives=2",
+            "--classifier_trials=5", "--figures=false"]
+    one = mem.main(args + [f"--out={tmp_path / 'one'}"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "memorize.py", *args, f"--out={tmp_path / 'two'}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=240)
+    for name in ("per_example.jsonl", "extraction.jsonl", "at_risk.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for n, m in one["models"].items():
+        assert two["models"][n]["memorized"] == m["memorized"] and two["models"][n]["sampled_memorized"] == m["sampled_memorized"]
+        assert two["models"][n]["val_ppl"] == pytest.approx(m["val_ppl"], rel=1e-9)
+    assert two["extraction"] == one["extraction"] and two["classifier"] == one["classifier"]
 
 
 def test_sampling_with_top_k_1_extracts_what_greedy_decoding_does(world):
@@ -387,7 +419,7 @@ def test_a_quantized_model_is_refused_with_one_line_before_anything_is_written(w
 
 def test_the_attack_samples_from_the_sampler_and_scores_with_its_target(world, monkeypatch):
     teacher, baseline, tok = world["models"]["teacher"], world["models"]["baseline"], world["tok"]
-    ex = mem.extraction_samples(teacher, None, 4, 10, tok.bos_id, 1, 4, tok, torch.Generator().manual_seed(0),
+    ex = mem.extraction_samples(teacher, None, 4, 10, tok.bos_id, 1, 4, tok, 0,
                                 progress=False, sampler=baseline)  # top-k 1: the sampler's greedy tokens
     bos = torch.full((4, 1), tok.bos_id)
     np.testing.assert_array_equal(ex["tokens"], baseline.generate(bos, 10).numpy())

@@ -10,8 +10,8 @@ Knowledge distillation into a student, on train.py's training loop.
 - The logged `kl` is the true divergence (teacher entropy included), not a cross-entropy that
   differs from it by a constant.
 - hard (sequence-level, Kim & Rush 2016): the teacher greedily continues each training example
-  from BOS and its first P tokens (memorize.py's prompt) to the example's full length; the student
-  trains on these generations with cross-entropy. The generations are a dataset folder in
+  from BOS and its first P tokens (memorize.py's prompt) to the example's full length (or samples
+  the continuation, --gen_temperature); the student trains on these generations with cross-entropy. The generations are a dataset folder in
   prepare.py's format, reused on rerun; under torchrun every rank generates a share of them.
 - Everything else (schedule, epochs, resume, DDP / FSDP2, logging, checkpoints) is train.py's.
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from config import (UserError, above, between, check_output_folder, one_of, parse_config, positive, progress_bar,
                     run_main, setting)
-from memorize import gather, prompt_len, shard_range
+from memorize import batch_generator, batch_share, gather, prompt_len
 from model import Transformer, read_checkpoint_meta
 from prepare import distinct_examples, open_split, read_meta, write_dataset
 from train import ChunkedOutputLoss, TrainConfig, check_run_dir, pick_device, prepare_frozen_model, train, unwrap
@@ -56,6 +56,9 @@ class DistillConfig(TrainConfig):
                                    "tokens (memorize.py's P)", positive)
     hard_data: str = setting("", "hard: folder for the teacher's generations (default: <out_dir>/teacher_data)")
     gen_batch_size: int = setting(64, "hard: examples per generation batch", positive)
+    gen_temperature: float = setting(0.0, "hard: 0 decodes greedily (sequence-level KD); above 0 samples the "
+                                          "teacher's continuations at this temperature (seeded by --seed)",
+                                     between(0, 10))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,23 +183,19 @@ def load_teacher(cfg, device):
 # Hard distillation: the teacher's generations as a dataset
 
 
-def generation_share(n, batch_size, rank, world):
-    """The rows [lo, hi) that rank generates: whole batches of one process's batching, so that every
-    row is decoded in the same batch as in one process and the dataset comes out byte-identical."""
-    lo, hi = shard_range(-(-n // batch_size), rank, world)
-    return lo * batch_size, min(hi * batch_size, n)
-
-
 @torch.no_grad()
-def greedy_continuations(teacher, rows, prompt, batch_size, device, progress=True):
-    """Each row's first `prompt` tokens, then the teacher's greedy continuation to the row's full
-    length: (N, L) like rows. Deterministic: greedy decoding in fp32."""
+def teacher_continuations(teacher, rows, prompt, batch_size, device, temperature=0.0, seed=0, first_batch=0,
+                          progress=True):
+    """Each row's first `prompt` tokens, then the teacher's continuation to the row's full length:
+    (N, L) like rows. Greedy (temperature 0) is deterministic; sampling draws from a stream seeded by
+    the batch's number (first_batch onwards), so a rank's share is what one process would draw."""
     teacher = teacher.to(device).float().eval()
     out = np.empty(rows.shape, dtype=rows.dtype)
     for s in progress_bar(range(0, len(rows), batch_size), desc="teacher generations", unit="batch",
                           disable=not progress):
         prompts = torch.from_numpy(rows[s:s + batch_size, :prompt].astype(np.int64)).to(device)
-        new = teacher.generate(prompts, rows.shape[1] - prompt)
+        generator = batch_generator(device, seed, first_batch * batch_size + s, batch_size) if temperature else None
+        new = teacher.generate(prompts, rows.shape[1] - prompt, temperature=temperature, generator=generator)
         out[s:s + batch_size] = torch.cat([prompts, new], dim=1).cpu().numpy()
     return out
 
@@ -219,6 +218,8 @@ def teacher_generations(cfg, data_meta, ctx):
     prompt = prompt_len(cfg.prefix_len)
     stamp = {"teacher": weights_digest(cfg.teacher), "data_tokenizer": data_meta["tokenizer_sha256"],
              "data_splits": data_meta["splits"], "prompt_tokens": prompt}
+    if cfg.gen_temperature:
+        stamp.update(temperature=cfg.gen_temperature, seed=cfg.seed)
     stamp_file = os.path.join(path, "teacher_stamp.json")
     if read_stamp(stamp_file) == stamp:
         return path
@@ -229,18 +230,20 @@ def teacher_generations(cfg, data_meta, ctx):
         raise UserError(f"--prefix_len={cfg.prefix_len} must be between 1 and {rows.shape[1] - 2}, as the "
                         f"examples hold BOS and {rows.shape[1] - 1} tokens")
     first, _, group = distinct_examples(rows)  # a repeated example is continued once, then copied
-    lo, hi = generation_share(len(first), cfg.gen_batch_size, ctx.rank, ctx.world_size)
-    share = greedy_continuations(load_teacher(cfg, ctx.device), rows[first[lo:hi]], prompt, cfg.gen_batch_size,
-                                 ctx.device, progress=ctx.is_main)
+    lo, hi = batch_share(len(first), cfg.gen_batch_size, ctx.rank, ctx.world_size)
+    share = teacher_continuations(load_teacher(cfg, ctx.device), rows[first[lo:hi]], prompt, cfg.gen_batch_size,
+                                  ctx.device, cfg.gen_temperature, cfg.seed, lo // cfg.gen_batch_size, progress=ctx.is_main)
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()  # the teacher is gone: return its memory before the student comes
     shares = gather(share, ctx.world_size)
     if ctx.is_main:
+        decoding = f"sampled (T = {cfg.gen_temperature:g})" if cfg.gen_temperature else "greedy"
         splits = {"train": np.concatenate(shares)[group], "val": np.array(open_split(cfg.data, "val"))}
         write_dataset(path, os.path.join(cfg.data, "tokenizer.model"), splits, "examples",
-                      {"source": f"the teacher's greedy continuations of BOS + {cfg.prefix_len}-token prefixes of "
-                                 f"{os.path.abspath(cfg.data)}",
-                       "hard_distillation": {"prefix_len": cfg.prefix_len, "ranks": ctx.world_size}})
+                      {"source": f"the teacher's {decoding} continuations of BOS + {cfg.prefix_len}-token prefixes "
+                                 f"of {os.path.abspath(cfg.data)}",
+                       "hard_distillation": {"prefix_len": cfg.prefix_len, "ranks": ctx.world_size,
+                                             "temperature": cfg.gen_temperature}})
         tmp = stamp_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump(stamp, f)

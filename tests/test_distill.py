@@ -166,12 +166,21 @@ def test_hard_distillation_data_is_identical_across_two_runs(teacher, tmp_path):
     assert np.array_equal(gen[:2, 6:], expect.numpy())
 
 
-def test_generation_shares_are_whole_batches_that_cover_every_row_once():
-    for n, batch_size, world in [(48, 8, 2), (50, 8, 3), (5, 8, 2), (64, 4, 8)]:
-        shares = [distill.generation_share(n, batch_size, rank, world) for rank in range(world)]
-        assert [lo for lo, _ in shares[1:]] == [hi for _, hi in shares[:-1]]  # contiguous, in rank order
-        assert shares[0][0] == 0 and shares[-1][1] == n
-        assert all(lo % batch_size == 0 for lo, _ in shares)  # one process's batches, never cut
+def test_sampled_generations_split_into_shares_are_what_one_process_draws(teacher):
+    # Under torchrun each rank samples its share of whole batches; its draws must not depend on how
+    # many ranks there are, so that a sampled hard-distillation set is one set, as the greedy one is.
+    data, t = teacher
+    model = Transformer.from_pretrained(str(t))
+    rows = np.fromfile(data / "train.bin", dtype=np.uint16).reshape(48, 24)
+    run = lambda part, first_batch, T: distill.teacher_continuations(model, part, 6, 8, torch.device("cpu"), T, 5,
+                                                                     first_batch, progress=False)
+    whole = run(rows, 0, 1.0)
+    shares = [run(rows[lo:hi], lo // 8, 1.0) for lo, hi in (distill.batch_share(48, 8, r, 3) for r in range(3))]
+    assert np.array_equal(np.concatenate(shares), whole)
+    assert np.array_equal(whole[:, :6], rows[:, :6])  # the prompts are the data's
+    assert not np.array_equal(whole, run(rows, 0, 0.0))  # and the continuations are not the greedy ones
+    assert not np.array_equal(whole, distill.teacher_continuations(model, rows, 6, 8, torch.device("cpu"), 1.0, 6,
+                                                                   progress=False))  # another seed, other draws
 
 
 HARD = dict(kind="hard", prefix_len=5, gen_batch_size=8, max_steps=1, warmup_steps=0)

@@ -49,7 +49,13 @@ THREADS ?= $(shell n=$$(( $$(nproc) / $(JOBS) )); echo $$(( n > 0 ? n : 1 )))
 ifeq ($(MAKELEVEL),0)
 MAKEFLAGS += -j$(JOBS)
 endif
+# memorize.py, the last step, runs alone: it splits the examples over JOBS processes (torchrun, one
+# per lane), unless LAUNCH was given (then it runs as every other step does).
+ifeq ($(origin LAUNCH),undefined)
+MEMORIZE_LAUNCH ?= $(if $(filter 1,$(JOBS)),OMP_NUM_THREADS=$(THREADS) $(PY),OMP_NUM_THREADS=$(THREADS) $(VENV)/bin/torchrun --standalone --nproc_per_node=$(JOBS))
+endif
 LAUNCH  ?= OMP_NUM_THREADS=$(THREADS) $(PY)
+MEMORIZE_LAUNCH ?= $(LAUNCH)
 INPUT   ?=
 TOKENIZER ?=
 TEACHER_INIT ?=
@@ -104,7 +110,7 @@ $(OUT)/student_hard/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET
 
 # 6. Who memorized what and why (the bases too, as controls), the classifier, the extraction attack.
 $(OUT)/memorization/summary.json: $(OUT)/teacher/model.safetensors $(BASELINES) $(OUT)/student_soft/model.safetensors $(OUT)/student_hard/model.safetensors $(PRESET)/memorize.toml memorize.py classifier.py
-	$(LAUNCH) memorize.py --config $(PRESET)/memorize.toml --data=$(DATA) --models=$(MODELS) --out=$(OUT)/memorization
+	$(MEMORIZE_LAUNCH) memorize.py --config $(PRESET)/memorize.toml --data=$(DATA) --models=$(MODELS) --out=$(OUT)/memorization
 
 # 7. The report: this run next to the paper.
 reproduce: $(OUT)/memorization/summary.json

@@ -11,8 +11,9 @@ Knowledge distillation into a student, on train.py's training loop.
   differs from it by a constant.
 - hard (sequence-level, Kim & Rush 2016): the teacher greedily continues each training example
   from BOS and its first P tokens (memorize.py's prompt) to the example's full length (or samples
-  the continuation, --gen_temperature); the student trains on these generations with cross-entropy. The generations are a dataset folder in
-  prepare.py's format, reused on rerun; under torchrun every rank generates a share of them.
+  the continuation: --gen_temperature); the student trains on these generations with cross-entropy.
+  The generations are a dataset folder in prepare.py's format, reused on rerun; under torchrun
+  every rank generates a share of them.
 - Everything else (schedule, epochs, resume, DDP / FSDP2, logging, checkpoints) is train.py's.
 
     python distill.py --teacher=out/teacher --data=data/mem --out_dir=out/student --model=small
@@ -184,17 +185,18 @@ def load_teacher(cfg, device):
 
 
 @torch.no_grad()
-def teacher_continuations(teacher, rows, prompt, batch_size, device, temperature=0.0, seed=0, first_batch=0,
+def teacher_continuations(teacher, rows, prompt, batch_size, device, temperature=0.0, seed=0, start=0,
                           progress=True):
     """Each row's first `prompt` tokens, then the teacher's continuation to the row's full length:
     (N, L) like rows. Greedy (temperature 0) is deterministic; sampling draws from a stream seeded by
-    the batch's number (first_batch onwards), so a rank's share is what one process would draw."""
+    the batch's number (rows[0] is row `start` of all, a whole number of batches in), so that a
+    rank's share is what one process would draw."""
     teacher = teacher.to(device).float().eval()
     out = np.empty(rows.shape, dtype=rows.dtype)
     for s in progress_bar(range(0, len(rows), batch_size), desc="teacher generations", unit="batch",
                           disable=not progress):
         prompts = torch.from_numpy(rows[s:s + batch_size, :prompt].astype(np.int64)).to(device)
-        generator = batch_generator(device, seed, first_batch * batch_size + s, batch_size) if temperature else None
+        generator = batch_generator(device, seed, start + s, batch_size) if temperature else None
         new = teacher.generate(prompts, rows.shape[1] - prompt, temperature=temperature, generator=generator)
         out[s:s + batch_size] = torch.cat([prompts, new], dim=1).cpu().numpy()
     return out
@@ -232,7 +234,7 @@ def teacher_generations(cfg, data_meta, ctx):
     first, _, group = distinct_examples(rows)  # a repeated example is continued once, then copied
     lo, hi = batch_share(len(first), cfg.gen_batch_size, ctx.rank, ctx.world_size)
     share = teacher_continuations(load_teacher(cfg, ctx.device), rows[first[lo:hi]], prompt, cfg.gen_batch_size,
-                                  ctx.device, cfg.gen_temperature, cfg.seed, lo // cfg.gen_batch_size, progress=ctx.is_main)
+                                  ctx.device, cfg.gen_temperature, cfg.seed, lo, progress=ctx.is_main)
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()  # the teacher is gone: return its memory before the student comes
     shares = gather(share, ctx.world_size)

@@ -172,10 +172,10 @@ def test_sampled_generations_split_into_shares_are_what_one_process_draws(teache
     data, t = teacher
     model = Transformer.from_pretrained(str(t))
     rows = np.fromfile(data / "train.bin", dtype=np.uint16).reshape(48, 24)
-    run = lambda part, first_batch, T: distill.teacher_continuations(model, part, 6, 8, torch.device("cpu"), T, 5,
-                                                                     first_batch, progress=False)
+    run = lambda part, start, T: distill.teacher_continuations(model, part, 6, 8, torch.device("cpu"), T, 5, start,
+                                                               progress=False)
     whole = run(rows, 0, 1.0)
-    shares = [run(rows[lo:hi], lo // 8, 1.0) for lo, hi in (distill.batch_share(48, 8, r, 3) for r in range(3))]
+    shares = [run(rows[lo:hi], lo, 1.0) for lo, hi in (distill.batch_share(48, 8, r, 3) for r in range(3))]
     assert np.array_equal(np.concatenate(shares), whole)
     assert np.array_equal(whole[:, :6], rows[:, :6])  # the prompts are the data's
     assert not np.array_equal(whole, run(rows, 0, 0.0))  # and the continuations are not the greedy ones

@@ -37,7 +37,14 @@ STUDENT_SEED := $(FAMILY_SEED)1
 # The first baseline is "baseline" (the students' data order), more seeds are baseline_seed2, ...
 BASELINE_NAMES := baseline $(foreach s,$(wordlist 2,$(SEEDS),$(shell seq 1 $(SEEDS))),baseline_seed$(s))
 BASELINES := $(foreach b,$(BASELINE_NAMES),$(OUT)/$(b)/model.safetensors)
-TRAIN_CODE := train.py model.py config.py prepare.py
+# The code each step runs (tests/test_imports.py checks it against what the step calls), so that a
+# change to it makes the step run again.
+TRAIN_CODE    := train.py model.py checkpoint.py distributed.py data.py config.py memorize.py quantize.py
+DISTILL_CODE  := distill.py tokenizer.py $(TRAIN_CODE)
+MEASURE_CODE  := memorize.py classifier.py report.py tokenizer.py model.py checkpoint.py distributed.py data.py \
+                 config.py quantize.py
+EXTRACT_CODE  := extract.py $(MEASURE_CODE)
+PREPARE_CODE  := prepare.py tokenizer.py data.py config.py
 # For the GPU presets: LAUNCH="torchrun --standalone --nproc_per_node=8", the corpus (INPUT=shards or
 # folder), a tokenizer file (TOKENIZER=...), and pretrained starts (TEACHER_INIT=..., STUDENT_INIT=...),
 # which replace the bases this pipeline would otherwise pretrain.
@@ -73,9 +80,9 @@ $(shell mkdir -p $(OUT) && (echo $(FAMILY_SEED) | cmp -s - $(SEED_STAMP) || echo
 
 # 0. D, the fine-tuning data: fixed-length examples of part of the corpus's documents, and the
 #    bases' pretraining text: the other documents (prepare_base.toml overrides prepare.toml's layout).
-$(DATA)/meta.json: prepare.py tokenizer.py $(PRESET)/prepare.toml | setup
+$(DATA)/meta.json: $(PREPARE_CODE) $(PRESET)/prepare.toml | setup
 	$(PY) prepare.py --config $(PRESET)/prepare.toml --name=$(notdir $(DATA)) --out_dir=$(dir $(DATA)) $(prepare_args)
-$(BASE_DATA)/meta.json: $(DATA)/meta.json $(PRESET)/prepare_base.toml
+$(BASE_DATA)/meta.json: $(DATA)/meta.json $(PREPARE_CODE) $(PRESET)/prepare_base.toml
 	$(PY) prepare.py --config $(PRESET)/prepare.toml --config $(PRESET)/prepare_base.toml --tokenizer=$(DATA)/tokenizer.model \
 	  --name=$(notdir $(BASE_DATA)) --out_dir=$(dir $(BASE_DATA)) $(if $(INPUT),--input="$(INPUT)")
 
@@ -99,21 +106,27 @@ $(OUT)/baseline_seed%/model.safetensors: $(DATA)/meta.json $(STUDENT_BASE) $(PRE
 
 # 4. The soft student: the student base distilled from the teacher on D (forward KL at T = 2), with
 #    the first baseline's start, data order and budget.
-$(OUT)/student_soft/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml distill.py $(TRAIN_CODE)
+$(OUT)/student_soft/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml $(DISTILL_CODE)
 	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --teacher=$(OUT)/teacher --data=$(DATA) \
 	  --out_dir=$(OUT)/student_soft --init_from=$(STUDENT_START) --seed=$(STUDENT_SEED) --overwrite
 
 # 5. The hard student: cross-entropy on the teacher's greedy continuations of D's prefixes.
-$(OUT)/student_hard/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml distill.py $(TRAIN_CODE)
+$(OUT)/student_hard/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml $(DISTILL_CODE)
 	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=hard --teacher=$(OUT)/teacher --data=$(DATA) \
 	  --out_dir=$(OUT)/student_hard --init_from=$(STUDENT_START) --seed=$(STUDENT_SEED) --overwrite
 
-# 6. Who memorized what and why (the bases too, as controls), the classifier, the extraction attack.
-$(OUT)/memorization/summary.json: $(OUT)/teacher/model.safetensors $(BASELINES) $(OUT)/student_soft/model.safetensors $(OUT)/student_hard/model.safetensors $(PRESET)/memorize.toml memorize.py classifier.py
+# 6. Who memorized what and why (the bases too, as controls), the classifier and the filter.
+FAMILY_MODELS := $(OUT)/teacher/model.safetensors $(BASELINES) $(OUT)/student_soft/model.safetensors $(OUT)/student_hard/model.safetensors
+$(OUT)/memorization/summary.json: $(FAMILY_MODELS) $(PRESET)/memorize.toml $(MEASURE_CODE)
 	$(MEMORIZE_LAUNCH) memorize.py --config $(PRESET)/memorize.toml --data=$(DATA) --models=$(MODELS) --out=$(OUT)/memorization
 
-# 7. The report: this run next to the paper.
-reproduce: $(OUT)/memorization/summary.json
+# 7. The extraction attack on the teacher, a baseline as the reference (after memorize.py: one step at a time
+#    on every lane).
+$(OUT)/extraction/summary.json: $(OUT)/memorization/summary.json $(PRESET)/extract.toml $(EXTRACT_CODE)
+	$(MEMORIZE_LAUNCH) extract.py --config $(PRESET)/extract.toml --data=$(DATA) --models=$(MODELS) --out=$(OUT)/extraction
+
+# 8. The report: this run next to the paper.
+reproduce: $(OUT)/memorization/summary.json $(OUT)/extraction/summary.json
 	$(PY) report.py --out=$(OUT) --started_at=$(START)
 
 # The whole reproduction for family seeds 1, 2 and 3, each in its own folder, and the findings
@@ -127,7 +140,7 @@ robustness:
 
 # reproduce, sweep-temperature and filter in one go, with one report at the end (three reports
 # written side by side would race for the same files).
-study: $(OUT)/memorization/summary.json $(OUT)/sweep/summary.json $(OUT)/filter/summary.json
+study: $(OUT)/memorization/summary.json $(OUT)/extraction/summary.json $(OUT)/sweep/summary.json $(OUT)/filter/summary.json
 	$(PY) report.py --out=$(OUT) --started_at=$(START)
 
 # The soft student at T = 1, 2, 3, 4 (T = 2 is the one above), measured and added to the report.
@@ -135,9 +148,9 @@ TEMPERATURES := 1 3 4
 sweep-temperature: $(OUT)/sweep/summary.json
 	$(PY) report.py --out=$(OUT)
 $(OUT)/sweep/summary.json: $(OUT)/memorization/summary.json $(foreach t,$(TEMPERATURES),$(OUT)/sweep/student_T$(t)/model.safetensors)
-	$(LAUNCH) memorize.py --config $(PRESET)/memorize.toml --data=$(DATA) --out=$(OUT)/sweep --filter=false --extract_samples=0 \
+	$(LAUNCH) memorize.py --config $(PRESET)/memorize.toml --data=$(DATA) --out=$(OUT)/sweep --filter=false \
 	  --models=student_T2:$(OUT)/student_soft,$(subst $() ,$(comma),$(foreach t,$(TEMPERATURES),student_T$(t):$(OUT)/sweep/student_T$(t)))
-$(OUT)/sweep/student_T%/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml distill.py $(TRAIN_CODE)
+$(OUT)/sweep/student_T%/model.safetensors: $(OUT)/teacher/model.safetensors $(PRESET)/student.toml $(DISTILL_CODE)
 	$(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --temperature=$* --teacher=$(OUT)/teacher --data=$(DATA) \
 	  --out_dir=$(OUT)/sweep/student_T$* --init_from=$(STUDENT_START) --seed=$(STUDENT_SEED) --overwrite
 
@@ -155,7 +168,7 @@ $(OUT)/filter/summary.json: $(OUT)/memorization/summary.json
 	  $(LAUNCH) distill.py --config $(PRESET)/student.toml --kind=soft --teacher=$(OUT)/teacher --data=$(OUT)/memorization/filtered_data \
 	    --out_dir=$(OUT)/student_filtered --init_from=$(STUDENT_START) --seed=$(STUDENT_SEED) --overwrite && \
 	  $(LAUNCH) memorize.py --config $(PRESET)/memorize.toml --data=$(OUT)/memorization/filtered_data --out=$(OUT)/filter \
-	    --filter=false --extract_samples=0 --models=student_filtered:$(OUT)/student_filtered; \
+	    --filter=false --models=student_filtered:$(OUT)/student_filtered; \
 	fi
 
 clean-reproduce:

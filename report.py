@@ -22,7 +22,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from config import UserError, at_least, parse_config, run_main, setting
+import numpy as np
+
+from config import UserError, at_least, atomic_path, parse_config, run_main, setting, write_atomic
 
 # The paper's headline numbers (Borkar et al. 2026, arXiv 2601.15394), for comparison only.
 PAPER = {
@@ -54,6 +56,145 @@ def load(path):
 
 def ratio(a, b):
     return None if a is None or not b else a / b
+
+
+# ----------------------------------------------------------------------------------------------
+# One measurement: memorize.py's report.md and figures
+
+
+def fmt(x):
+    if x is None:
+        return "-"
+    return x if isinstance(x, str) else f"{x:,}" if isinstance(x, int) else f"{x:.3g}"
+
+
+def md_table(header, rows):
+    lines = [header, ["---"] * len(header)] + [[fmt(v) for v in r] for r in rows]
+    return "".join("| " + " | ".join(line) + " |\n" for line in lines)
+
+
+def write_measurement_report(s, path):
+    """memorize.py's report.md: the summary's numbers as tables, then the figures."""
+    out = [f"# Memorization report\n\n{s['n_examples']:,} examples of `{s['data']}` ({s['split']} split), "
+           f"{s['example_len']} tokens each; prefix BOS + {s['prefix_len']} tokens, suffix {s['suffix_len']}.\n\n"
+           "## Models\n\n",
+           md_table(["model", "role", "params", "val ppl", "memorized", "rate", "mean log-ppl", "suffix entropy"],
+                    [[n, m["role"], m["params"], m["val_ppl"], m["memorized"], m["memorization_rate"],
+                      m["mean_log_ppl"], m["mean_suffix_entropy"]] for n, m in s["models"].items()])]
+    names = list(s["models"])
+    if len(names) > 1:
+        out += ["\n## Overlaps (examples memorized by both)\n\n",
+                md_table([""] + names, [[a] + [s["overlap"][a][b] for b in names] for a in names])]
+    if "easy" in s:
+        e, t = s["easy"], s["teacher_specific"]
+        out += [f"\n## Easy and teacher-specific examples\n\nEasy (memorized by the teacher and a baseline seed): "
+                f"{e['count']:,}. Teacher-specific (by the teacher and no baseline seed): {t['count']:,}. "
+                f"Hard/soft inheritance ratio: {fmt(t['hard_soft_ratio'])}.\n\n",
+                md_table(["student", "share of its memorized that is easy", "teacher-specific inherited"],
+                         [[k[6:], e[k], t[f"inherited_{k[6:]}"]] for k in e if k.startswith("share_")])]
+    c = s["classifier"]
+    out.append(f"\n## Predicting the student's memorization ({c.get('student') or '-'})\n\n")
+    if c["status"] != "ok":
+        out.append(c["status"] + "\n")
+    else:
+        pm = lambda a, b: f"{a:.4f} ± {b:.4f}"  # noqa: E731
+        out += [f"{c['trials']} trials, {c['n_positives']} positives and {c['n_negatives']} negatives each, "
+                f"{100 * c['test_fraction']:.0f}% held out. AUC-ROC {pm(c['auc_mean'], c['auc_std'])}, recall {pm(c['recall_mean'], c['recall_std'])}, "
+                f"precision {pm(c['precision_mean'], c['precision_std'])}.\n\n",
+                md_table(["standardized feature", "coefficient"], [[f, pm(v["mean"], v["std"])] for f, v in c["coefficients"].items()])]
+    if s.get("filter", {}).get("path"):
+        f = s["filter"]
+        out.append(f"\nFilter: {f['at_risk']:,} examples predicted at risk (p >= {f['threshold']}) removed, "
+                   f"{f['kept']:,} kept in `{f['path']}`.\n")
+    if s["figures"]:
+        out.append("\n## Figures\n\n" + "".join(f"![{f}]({f})\n" for f in s["figures"]))
+    write_atomic(path, "".join(out))
+
+
+def write_extraction_report(x, path):
+    """extract.py's report.md: how many samples held a training window, and the precision of each ranking."""
+    ks = list(next(iter(x["precision"].values())))
+    write_atomic(path, "".join([
+        f"# Extraction attack on {x['target']} (Carlini et al. 2021)\n\n{x['samples']:,} samples of {x['length']} "
+        f"tokens from <|begin_of_text|>; {x['hits']:,} contain a window of {x['window']} tokens of a training example "
+        f"of `{x['data']}`. Precision among the top k samples by each score (lower is more suspicious; reference "
+        f"model: {x['reference'] or 'none'}):\n\n",
+        md_table(["score"] + [f"top {k}" for k in ks], [[n] + [p[k] for k in ks] for n, p in x["precision"].items()])]))
+
+
+def measurement_figures(summary, cols, out_dir):
+    """PNG figures, if matplotlib is installed; returns the file names written."""
+    plt = pyplot()
+    if plt is None:
+        print("note: matplotlib is not installed, so no figures (pip install matplotlib)")
+        return []
+    written = []
+
+    def save(fig, name):
+        save_figure(fig, os.path.join(out_dir, name))
+        written.append(name)
+
+    names = list(summary["models"])
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(names), 3))
+    ax.bar(names, [100 * summary["models"][n]["memorization_rate"] for n in names])
+    ax.set_ylabel("memorized (%)")
+    ax.set_title("Discoverable memorization")
+    save(fig, "memorization_rate.png")
+
+    # The paper's "forced memorization" view: memorized examples whose suffix the model is unsure
+    # about (high entropy) yet reproduces (high log-probability).
+    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3), sharex=True, sharey=True, squeeze=False)
+    for ax, n in zip(axes[0], names):
+        m = cols[f"{n}.memorized"]
+        ax.scatter(cols[f"{n}.suffix_entropy"][m], cols[f"{n}.suffix_logprob"][m], s=4, alpha=0.5)
+        ax.set_title(f"{n} ({int(m.sum()):,} memorized)", fontsize=10)
+        ax.set_xlabel("suffix entropy (nats)")
+    axes[0][0].set_ylabel("suffix log-probability")
+    save(fig, "forced_memorization.png")
+
+    c = summary["classifier"]
+    who = c["student"] or names[0]
+    if c["student"]:  # the classifier's features, split by what the student memorized
+        feats = ["zlib_entropy", "teacher.log_ppl", f"{c['baseline']}.log_ppl", f"kl_teacher_{c['baseline']}"]
+    else:
+        feats = ["zlib_entropy", f"{who}.log_ppl", f"{who}.suffix_entropy"]
+    label = cols[f"{who}.memorized"]
+    fig, axes = plt.subplots(1, len(feats), figsize=(3 * len(feats), 3), squeeze=False)
+    for ax, f in zip(axes[0], feats):
+        bins = np.histogram_bin_edges(cols[f], bins=30)
+        for rows, name in ((~label, "not memorized"), (label, "memorized")):
+            if rows.any():  # a density of no values is 0/0
+                ax.hist(cols[f][rows], bins=bins, density=True, alpha=0.6, label=name)
+        ax.set_xlabel(f, fontsize=9)
+    axes[0][0].legend(fontsize=8, title=who, title_fontsize=8)
+    save(fig, "features.png")
+
+    if c.get("roc"):
+        fig, ax = plt.subplots(figsize=(3.5, 3.5))
+        ax.plot(c["roc"]["fpr"], c["roc"]["tpr"], label=f"AUC {c['auc_mean']:.3f}")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"predicting {who}")
+        ax.legend(loc="lower right")
+        save(fig, "roc.png")
+    return written
+
+
+def pyplot():
+    """matplotlib's pyplot with a backend that only writes files, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path):
+    """A matplotlib figure as a PNG, written whole or not at all, then closed."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    pyplot().close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,11 +350,8 @@ def share(found, target):
 def dynamics_figure(d, path):
     """Memorized examples against epochs per model, and the students' share of the teacher's and the
     baselines' final sets. Returns whether a figure was written (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for n, c in d["curves"].items():
@@ -226,10 +364,7 @@ def dynamics_figure(d, path):
                          label=f"{n}: {key.replace('_', ' ')}")
     axes[1].set(xlabel="epoch", ylabel="% of that final set memorized", title="Whom the students follow")
     axes[1].legend(fontsize=8)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
     return True
 
 
@@ -346,6 +481,17 @@ def dynamics_section(d):
     return lines
 
 
+def extraction_section(x):
+    """The extraction attack (make reproduce's extract.py step), when it ran."""
+    if not x:
+        return []
+    ks = list(next(iter(x["precision"].values())))
+    return [f"\n## Extraction attack (Carlini et al. 2021)\n\n{x['samples']:,} samples from <|begin_of_text|> of "
+            f"{x['target']}: {x['hits']:,} hold a window of {x['window']} tokens of a training example. Precision among "
+            f"the top k by each score ([extraction/report.md](extraction/report.md)):\n\n",
+            md_table(["score"] + [f"top {k}" for k in ks], [[n] + [p[k] for k in ks] for n, p in x["precision"].items()])]
+
+
 def write_report(s, out):
     lines = ["# Reproduction: memorization in knowledge distillation, at small scale\n\n",
              f"{s['n_examples']:,} distinct training examples ({s.get('n_rows', s['n_examples']):,} rows) of "
@@ -369,10 +515,9 @@ def write_report(s, out):
     for name, what, paper in FIGURES:
         if name in s.get("figures", []) or os.path.isfile(os.path.join(out, "memorization", name)):
             lines.append(f"![{what}](memorization/{name})\n\n{what} {paper}\n\n")
-    lines += s.pop("_sweep_lines", []) + s.pop("_filter_lines", [])
-    lines.append("\nThe full tables (overlaps, per-seed numbers, the extraction attack) are in "
-                 "[memorization/report.md](memorization/report.md); per-example numbers in "
-                 "memorization/per_example.jsonl.\n")
+    lines += s.pop("_sweep_lines", []) + s.pop("_filter_lines", []) + extraction_section(s.get("extraction"))
+    lines.append("\nThe full tables (overlaps, the classifier's trials) are in [memorization/report.md]"
+                 "(memorization/report.md); per-example numbers in memorization/per_example.jsonl.\n")
     write_atomic(os.path.join(out, "report.md"), "".join(lines))
 
 
@@ -396,13 +541,6 @@ def fmt_auc(c):
     return "-" if c.get("auc_mean") is None else f"{c['auc_mean']:.4f}"
 
 
-def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def report_family(cfg):
     src = os.path.join(cfg.out, "memorization", "summary.json")
     if not os.path.isfile(src):
@@ -416,6 +554,8 @@ def report_family(cfg):
     s["sweep"], s["_sweep_lines"] = sweep_section(os.path.join(cfg.out, "sweep", "summary.json"))
     soft_before = s["models"].get("student_soft", {}).get("memorized")
     s["filtering"], s["_filter_lines"] = filter_section(os.path.join(cfg.out, "filter", "summary.json"), soft_before, s)
+    extraction = os.path.join(cfg.out, "extraction", "summary.json")
+    s["extraction"] = load(extraction) if os.path.isfile(extraction) else None
     s["regime"] = regime(s)
     s["findings"] = findings(s, s["sweep"], s["filtering"])
     # On the natural examples alone: validation perplexity is not a property of a subset of D.

@@ -1,7 +1,7 @@
 """
 Sample from a model on the command line, printing the text as it is generated.
 
-- Any checkpoint `Transformer.from_pretrained` accepts: this project's, Meta's or Hugging Face's.
+- Any checkpoint `checkpoint.load_model` reads: this project's, Meta's or Hugging Face's.
 - `--prompt` or `--prompt_file`; `--chat` wraps the prompt in Llama 3's chat format and stops at
   `<|eot_id|>`; generation always stops at the end-of-text tokens.
 - Greedy at `--temperature=0`, else sampling with optional `--top_k` / `--top_p`, seeded by `--seed`.
@@ -19,10 +19,10 @@ from typing import Optional
 import torch
 
 import quantize
+from checkpoint import load_model
 from config import UserError, at_least, between, one_of, parse_config, positive, run_main, seed_range, setting
-from model import Transformer
+from distributed import DEVICES, pick_device
 from tokenizer import Tokenizer
-from train import DEVICES, pick_device
 
 
 @dataclass
@@ -91,13 +91,10 @@ def main(argv):
     tok = find_tokenizer(cfg)
     device = pick_device(cfg.device, 0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
-    try:
-        if cfg.quantize == "none":
-            model = Transformer.from_pretrained(cfg.ckpt, device=device, dtype=dtype).eval()
-        else:  # one tensor at a time: memory never holds the whole model in floating point
-            model = quantize.from_pretrained(cfg.ckpt, cfg.quantize, device=device, dtype=dtype).eval()
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"{e}") from None
+    if cfg.quantize == "none":
+        model = load_model(cfg.ckpt, device=device, dtype=dtype).eval()
+    else:  # one tensor at a time: memory never holds the whole model in floating point
+        model = quantize.from_pretrained(cfg.ckpt, cfg.quantize, device=device, dtype=dtype).eval()
     if model.args.vocab_size < tok.n_words:
         raise UserError(f"the tokenizer has {tok.n_words} tokens but the model only {model.args.vocab_size}; "
                         "pass the tokenizer the model was trained with via --tokenizer")

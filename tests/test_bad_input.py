@@ -18,18 +18,19 @@ from safetensors.torch import load_file, save_file
 
 import bench
 import distill
+import extract
 import memorize
 import prepare
 import report
 import sample
 import train
 from config import run_main
-from model import Transformer
+from checkpoint import export_hf, load_model
 from test_train import TINY, examples_dataset, run, write_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"prepare": prepare, "train": train, "distill": distill, "memorize": memorize, "sample": sample,
-           "report": report, "bench": bench}
+SCRIPTS = {"prepare": prepare, "train": train, "distill": distill, "memorize": memorize, "extract": extract,
+           "sample": sample, "report": report, "bench": bench}
 
 
 class Evil:
@@ -71,7 +72,7 @@ def paths(tmp_path_factory):
     shutil.copytree(p["ckpt"], p["evil_state"])
     torch.save({"optimizer": Evil(), "step": 2, "rng": {}}, os.path.join(p["evil_state"], "train_state.pt"))
 
-    model = Transformer.from_pretrained(p["ckpt"])
+    model = load_model(p["ckpt"])
     p["meta_evil"] = str(root / "meta_evil")  # Meta's layout: params.json + consolidated.00.pth
     os.makedirs(p["meta_evil"])
     a = model.args
@@ -81,12 +82,12 @@ def paths(tmp_path_factory):
     shutil.copy(os.path.join(p["ckpt"], "tokenizer.model"), p["meta_evil"])
     p["meta_bad_params"] = damaged_copy(p["meta_evil"], root / "meta_bad_params", "params.json", b"dim = 32")
     p["hf_unknown"] = str(root / "hf_unknown")  # a Hugging Face folder with a tensor Llama has not
-    model.export_hf(p["hf_unknown"])
+    export_hf(model, p["hf_unknown"])
     shutil.copy(os.path.join(p["ckpt"], "tokenizer.model"), p["hf_unknown"])
     hf_weights = os.path.join(p["hf_unknown"], "model.safetensors")
     save_file({**load_file(hf_weights), "model.layers.0.mlp.lora_A.weight": torch.zeros(2, 2)}, hf_weights)
     p["hf_missing_shard"] = str(root / "hf_missing_shard")  # an index naming a shard the folder lacks
-    model.export_hf(p["hf_missing_shard"])
+    export_hf(model, p["hf_missing_shard"])
     shutil.copy(os.path.join(p["ckpt"], "tokenizer.model"), p["hf_missing_shard"])
     shard = os.path.join(p["hf_missing_shard"], "model.safetensors")
     names = list(load_file(shard))
@@ -126,6 +127,7 @@ TRAIN = ["--data={ex}", "--out_dir={out}", "--model=tiny", "--dim=32", "--n_laye
          "--n_kv_heads=1", "--batch_size=4", "--max_steps=4", "--warmup_steps=1", "--device=cpu"]
 DISTILL = TRAIN + ["--teacher={ckpt}"]
 MEMORIZE = ["--data={ex}", "--models=teacher:{ckpt}", "--out={out}", "--prefix_len=8", "--suffix_len=8"]
+EXTRACT = ["--data={ex}", "--models=teacher:{ckpt}", "--out={out}", "--window=8", "--samples=4"]
 SAMPLE = ["--ckpt={ckpt}", "--max_new_tokens=4", "--device=cpu"]
 RESUME = TINY + ["--data={ex}", "--batch_size=4", "--max_steps=2", "--resume"]  # the fixture checkpoint's run
 
@@ -156,8 +158,9 @@ CASES = [
     ("prepare-zero-max-tokens", "prepare", ["--max_tokens=0"], "--max_tokens must be at least 1"),
     ("prepare-unknown-layout", "prepare", ["--layout=rows"], "--layout must be one of packed, examples"),
     ("memorize-zero-suffix", "memorize", MEMORIZE + ["--suffix_len=0"], "--suffix_len must be at least 1"),
-    ("memorize-unknown-extract-quantize", "memorize", MEMORIZE + ["--extract_quantize=fp8"],
-     "--extract_quantize must be one of none, int8, not 'fp8'"),
+    ("extract-unknown-quantize", "extract", EXTRACT + ["--quantize=fp8"], "--quantize must be one of none, int8, not 'fp8'"),
+    ("extract-zero-window", "extract", EXTRACT + ["--window=0"], "--window must be at least 1"),
+    ("extract-unknown-reference", "extract", EXTRACT + ["--reference=baseline"], "--reference=baseline is not one of"),
     ("memorize-test-fraction-one", "memorize", MEMORIZE + ["--classifier_test_fraction=1"],
      "--classifier_test_fraction must be above 0 and below 1"),
     ("memorize-prefix-and-suffix-too-long", "memorize", MEMORIZE + ["--suffix_len=12"], "prefix_len + suffix_len"),
@@ -193,10 +196,13 @@ CASES = [
     ("memorize-damaged-model", "memorize", MEMORIZE[:1] + MEMORIZE[2:] + ["--models=t:{trunc_weights}"],
      "model.safetensors is damaged"),
     ("memorize-meta-not-json", "memorize", ["--data={bad_meta}", "--models={ckpt}"], "bad_meta/meta.json"),
+    ("extract-damaged-model", "extract", EXTRACT[:1] + EXTRACT[2:] + ["--models=t:{trunc_weights}"],
+     "model.safetensors is damaged"),
     ("report-summary-not-json", "report", ["--out={bad_summary}"], "memorization/summary.json is not valid JSON"),
 ]
 # One case per script also runs as a real command: `python script.py ...`.
 COMMAND_LINE = ["prepare-val-fraction-one", "train-negative-batch", "distill-zero-temperature", "memorize-zero-suffix",
+                "extract-unknown-quantize",
                 "sample-pickled-meta-weights", "report-negative-start", "bench-zero-repeats"]
 
 

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from distributed import batch_share
 from test_train import TINY, log_rows, losses, packed_dataset, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,8 +92,9 @@ KD_DRIVER = textwrap.dedent('''
     sys.path.insert(0, {repo!r})
     import torch
     from config import parse_config, run_main
-    from model import Transformer
-    from train import TrainConfig, prepare_frozen_model, train, unwrap
+    from checkpoint import load_model
+    from distributed import prepare_frozen_model, unwrap
+    from train import TrainConfig, train
 
     @dataclasses.dataclass
     class KDConfig(TrainConfig):
@@ -103,7 +105,7 @@ KD_DRIVER = textwrap.dedent('''
         frozen = {{}}
 
         def setup_hook(ctx):
-            frozen["teacher"] = prepare_frozen_model(Transformer.from_pretrained(cfg.teacher), ctx)
+            frozen["teacher"] = prepare_frozen_model(load_model(cfg.teacher), ctx)
 
         def loss_fn(model, batch):
             with torch.no_grad():
@@ -216,3 +218,11 @@ def test_workers_exit_when_their_launcher_is_killed(data, tmp_path):
                 os.kill(pid, signal.SIGKILL)
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_batch_shares_are_whole_batches_that_cover_every_item_once():
+    for n, batch_size, world in [(48, 8, 2), (50, 8, 3), (5, 8, 2), (64, 4, 8)]:
+        shares = [batch_share(n, batch_size, rank, world) for rank in range(world)]
+        assert [lo for lo, _ in shares[1:]] == [hi for _, hi in shares[:-1]]  # contiguous, in rank order
+        assert shares[0][0] == 0 and shares[-1][1] == n
+        assert all(lo % batch_size == 0 for lo, _ in shares)  # one process's batches, never cut

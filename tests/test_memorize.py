@@ -1,5 +1,5 @@
 """memorize.py: discoverable memorization, per-example features, family comparisons, the
-classifier and filter, the extraction attack's index, the command line and its errors."""
+classifier and filter, the command line and its errors (the trained family: conftest.py)."""
 
 import json
 import math
@@ -17,76 +17,14 @@ import classifier
 import memorize as mem
 import quantize
 from config import UserError, parse_config
-from model import ModelArgs, Transformer
-from prepare import open_split, read_meta, write_dataset
+from checkpoint import save_model
+from data import open_split, read_info, write_dataset
 from test_distributed import free_port
-from tokenizer import train_bpe
+
+from conftest import BASELINE_ROWS, CHANGED_AT, L, N_TRAIN, NEAR_COPY, P, S, TEACHER_ROWS, models_arg, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-L, P, S = 24, 7, 8  # examples of 24 tokens (BOS included), prompts of BOS + 7, suffix 8
-N_TRAIN = 16
-TEACHER_ROWS, BASELINE_ROWS = [0, 1, 2, 3, 4, 5], [0, 1, 2]
-SOFT_ROWS, HARD_ROWS = [0, 1], [0, 3]
-# Row 12 copies row 0 except the suffix's 4th token: a model that memorized row 0 continues row
-# 12's prefix with row 0's suffix, which matches row 12's in every position but that one.
-NEAR_COPY, CHANGED_AT = 12, 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a busy machine two threads that wait
-    for each other made these tests ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_model(seed, vocab_size=512):
-    torch.manual_seed(seed)
-    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
-                              multiple_of=32, max_seq_len=64))
-    m.init_weights()
-    return m.eval()
-
-
-def train_to_memorize(rows, seed, steps=40):
-    """Full-batch AdamW on a few rows until the model has them by heart."""
-    model = tiny_model(seed).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    x = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A dataset folder of random-token examples and a trained family saved as checkpoints."""
-    root = tmp_path_factory.mktemp("mem")
-    tok = train_bpe(["some text"], 512, str(root / "tok.model"), progress=False)  # bytes only: ids 0..255
-    rng = np.random.default_rng(0)
-    rows = np.concatenate([np.full((N_TRAIN, 1), tok.bos_id), rng.integers(0, 256, (N_TRAIN, L - 1))], 1)
-    rows[NEAR_COPY] = rows[0]
-    rows[NEAR_COPY, 1 + P + CHANGED_AT] = (rows[0, 1 + P + CHANGED_AT] + 1) % 256
-    val = np.concatenate([np.full((4, 1), tok.bos_id), rng.integers(0, 256, (4, L - 1))], 1)
-    data = str(root / "data")
-    write_dataset(data, str(root / "tok.model"), {"train": rows, "val": val}, "examples")
-    models, paths = {}, {}
-    for i, (name, idx) in enumerate([("teacher", TEACHER_ROWS), ("baseline", BASELINE_ROWS),
-                                     ("student_soft", SOFT_ROWS), ("student_hard", HARD_ROWS)]):
-        models[name] = train_to_memorize(rows[idx], seed=i)
-        paths[name] = str(root / name)
-        models[name].save_pretrained(paths[name], extra={"tokenizer_sha256": tok.sha256})
-    return dict(root=root, data=data, rows=rows, val=val, tok=tok, models=models, paths=paths)
-
-
-def models_arg(w, names=("teacher", "baseline", "student_soft", "student_hard")):
-    return "--models=" + ",".join(f"{n}:{w['paths'][n]}" for n in names)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- discoverable memorization -------------------------------------------------------------------
@@ -140,31 +78,23 @@ def test_shards_over_ranks_concatenate_to_the_whole(world):
         np.testing.assert_allclose(np.concatenate([p[c] for p in parts]), whole[c], rtol=1e-5, err_msg=c)
 
 
-def test_batch_shares_are_whole_batches_that_cover_every_item_once():
-    for n, batch_size, world in [(48, 8, 2), (50, 8, 3), (5, 8, 2), (64, 4, 8)]:
-        shares = [mem.batch_share(n, batch_size, rank, world) for rank in range(world)]
-        assert [lo for lo, _ in shares[1:]] == [hi for _, hi in shares[:-1]]  # contiguous, in rank order
-        assert shares[0][0] == 0 and shares[-1][1] == n
-        assert all(lo % batch_size == 0 for lo, _ in shares)  # one process's batches, never cut
-
-
 def test_under_torchrun_the_report_equals_one_process(world, tmp_path):
-    # Two processes split the examples, the attack's samples and the val rows; rank 0 writes. Every
-    # random draw is seeded by its batch, so the sampled columns and the attack come out the same.
+    # Two processes split the examples and the val rows; rank 0 writes. Every random draw is seeded
+    # by its batch, so the sampled columns come out the same.
     args = [f"--data={world['data']}", models_arg(world), f"--prefix_len={P}", f"--suffix_len={S}", "--batch_size=5",
-            "--generate=true", "--sample_tries=2", "--extract_samples=12", "--classifier_min_positives=2",
-            "--classifier_trials=5", "--figures=false"]
+            "--generate=true", "--sample_tries=2", "--classifier_min_positives=2", "--classifier_trials=5",
+            "--figures=false"]
     one = mem.main(args + [f"--out={tmp_path / 'one'}"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "memorize.py", *args, f"--out={tmp_path / 'two'}"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=240)
-    for name in ("per_example.jsonl", "extraction.jsonl", "at_risk.json"):
+    for name in ("per_example.jsonl", "at_risk.json"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     for n, m in one["models"].items():
         assert two["models"][n]["memorized"] == m["memorized"] and two["models"][n]["sampled_memorized"] == m["sampled_memorized"]
         assert two["models"][n]["val_ppl"] == pytest.approx(m["val_ppl"], rel=1e-9)
-    assert two["extraction"] == one["extraction"] and two["classifier"] == one["classifier"]
+    assert two["classifier"] == one["classifier"]
 
 
 def test_sampling_with_top_k_1_extracts_what_greedy_decoding_does(world):
@@ -281,41 +211,13 @@ def test_classifier_reports_too_few_positives_instead_of_crashing():
         assert out["status"].startswith("skipped") and out["auc_mean"] is None
 
 
-# --- extraction attack: the training-window index -------------------------------------------------
-
-def test_ngram_index_finds_planted_windows_and_not_absent_ones():
-    rng = np.random.default_rng(4)
-    train = rng.integers(0, 100_000, (20, 30)).astype(np.uint32)
-    index = mem.NgramIndex(train, 8, chunk_rows=3)
-    noise = lambda n: rng.integers(0, 100_000, n)  # noqa: E731
-    samples = np.stack([
-        np.r_[noise(5), train[3, 10:18], noise(7)],  # a whole training window
-        np.r_[noise(5), train[7, 0:12], noise(3)],   # a longer one, from the row's start
-        np.r_[noise(5), train[7, 22:30], noise(7)],  # the last window of a row
-        np.r_[noise(5), train[3, 10:17], noise(8)],  # 7 tokens only
-        np.r_[train[3, 25:30], train[4, 0:3], noise(12)],  # across two rows: not a training window
-        noise(20),
-    ])
-    assert index.contains(samples).tolist() == [True, True, True, False, False, False]
-
-
-def test_extraction_precision_ranks_by_each_score():
-    cols = {"log_ppl": np.array([1.0, 2.0, 3.0, 4.0]), "zlib_entropy": np.array([1.0, 100.0, 1.0, 1.0]),
-            "reference_log_ppl": np.array([1.0, 1.0, 30.0, 1.0])}
-    hits = np.array([False, True, True, False])
-    p = mem.extraction_report(cols, hits, ks=(1, 2))
-    assert p["perplexity"] == {"1": 0.0, "2": 0.5, "4": 0.5}
-    assert p["zlib_ratio"]["1"] == 1.0  # row 1: 2 / 100
-    assert p["reference_ratio"]["1"] == 1.0  # row 2: 3 / 30
-
-
 # --- command line -----------------------------------------------------------------------------------
 
 def test_command_line_writes_the_report(world, tmp_path):
     out = str(tmp_path / "report")
     summary = mem.main([f"--data={world['data']}", models_arg(world), f"--out={out}", f"--prefix_len={P}",
                         f"--suffix_len={S}", "--batch_size=5", "--classifier_min_positives=2",
-                        "--classifier_trials=5", "--extract_samples=6"])
+                        "--classifier_trials=5"])
     m = summary["models"]
     assert [m[n]["memorized"] for n in m] == [6, 3, 2, 2]
     assert m["teacher"]["memorization_rate"] == pytest.approx(6 / N_TRAIN)
@@ -330,7 +232,6 @@ def test_command_line_writes_the_report(world, tmp_path):
     assert summary["easy"]["share_soft"] == 1.0 and summary["easy"]["share_hard"] == 0.5
     assert summary["classifier"]["student"] == "student_soft" and summary["classifier"]["status"] == "ok"
     assert set(summary["classifier"]["coefficients"]) == set(mem.FEATURES)
-    assert summary["extraction"]["samples"] == 6 and summary["extraction"]["reference"] == "baseline"
 
     lines = [json.loads(line) for line in open(os.path.join(out, "per_example.jsonl"))]
     assert [r["index"] for r in lines] == list(range(N_TRAIN))
@@ -347,7 +248,7 @@ def test_command_line_writes_the_report(world, tmp_path):
     kept = [i for i in range(N_TRAIN) if i not in at_risk]
     np.testing.assert_array_equal(open_split(filtered, "train"), world["rows"][kept])
     np.testing.assert_array_equal(open_split(filtered, "val"), world["val"])
-    assert read_meta(filtered)["tokenizer_sha256"] == world["tok"].sha256
+    assert read_info(filtered)["tokenizer_sha256"] == world["tok"].sha256
 
 
 def test_repeated_examples_are_measured_once_and_the_natural_ones_also_alone(world, tmp_path):
@@ -387,7 +288,7 @@ def test_errors_name_the_fix(world, tmp_path):
     with pytest.raises(UserError, match="missing or incomplete"):
         mem.main(base + [f"--models=teacher:{tmp_path / 'nowhere'}"])
     other = tmp_path / "other"
-    world["models"]["teacher"].save_pretrained(str(other), extra={"tokenizer_sha256": "0" * 64})
+    save_model(world["models"]["teacher"], str(other), extra={"tokenizer_sha256": "0" * 64})
     with pytest.raises(UserError, match="another tokenizer"):
         mem.main(base + [f"--models=teacher:{other}"])
     empty = str(tmp_path / "empty")
@@ -401,7 +302,7 @@ def test_errors_name_the_fix(world, tmp_path):
     assert not os.path.exists(tmp_path / "r")  # nothing written by a failed run
 
 
-# --- quantized models (quantize.py): refused where flags are made, a sampler for the attack -------
+# --- quantized models (quantize.py) are refused where flags are made -----------------------------
 
 def test_a_quantized_model_is_refused_with_one_line_before_anything_is_written(world, tmp_path):
     q = quantize.quantized_copy(world["models"]["teacher"])
@@ -411,29 +312,7 @@ def test_a_quantized_model_is_refused_with_one_line_before_anything_is_written(w
                                             f"--prefix_len={P}", f"--suffix_len={S}"])
     with pytest.raises(UserError, match="model 'teacher' is quantized"):
         mem.run(cfg, models={"teacher": q, "baseline": world["models"]["baseline"]})
-    with pytest.raises(UserError, match="--extract_quantize must be one of none, int8, not .fp8."):
-        mem.main([f"--data={world['data']}", f"--models={world['paths']['teacher']}", f"--out={tmp_path / 'r'}",
-                  f"--prefix_len={P}", f"--suffix_len={S}", "--extract_quantize=fp8"])
     assert not os.path.exists(tmp_path / "r")
-
-
-def test_the_attack_samples_from_the_sampler_and_scores_with_its_target(world, monkeypatch):
-    teacher, baseline, tok = world["models"]["teacher"], world["models"]["baseline"], world["tok"]
-    ex = mem.extraction_samples(teacher, None, 4, 10, tok.bos_id, 1, 4, tok, 0,
-                                progress=False, sampler=baseline)  # top-k 1: the sampler's greedy tokens
-    bos = torch.full((4, 1), tok.bos_id)
-    np.testing.assert_array_equal(ex["tokens"], baseline.generate(bos, 10).numpy())
-    with torch.no_grad():
-        target_log_ppl = -mem.token_logprobs(teacher, torch.cat([bos, torch.from_numpy(ex["tokens"])], 1)).mean(1)
-    np.testing.assert_allclose(ex["log_ppl"], target_log_ppl.numpy(), rtol=1e-6)
-    # --extract_quantize=int8 hands the attack an int8 copy of its target as the sampler.
-    seen = {}
-    monkeypatch.setattr(mem, "extraction_samples", lambda target, *a, sampler=None, **k: seen.update(
-        target=target, sampler=sampler) or {"tokens": np.zeros((0, 10), np.int64)})
-    monkeypatch.setattr(mem, "gather_columns", lambda cols, world: cols)
-    cfg = parse_config(mem.MemorizeConfig, ["--extract_samples=4", "--extract_quantize=int8"])
-    mem.run_extraction(cfg, {"teacher": teacher}, read_meta(world["data"]), tok, torch.device("cpu"), 1, 2, 10)
-    assert seen["target"] is teacher and quantize.is_quantized(seen["sampler"])
 
 
 def test_flags_under_a_callers_bf16_autocast_still_equal_fp32_greedy_decoding():

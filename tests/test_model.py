@@ -6,9 +6,10 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model
+from checkpoint import export_hf, load_model, save_model
+from config import UserError
 from model import CONFIGS, ModelArgs, Transformer, doc_ids_from_bos, rope_frequencies, sample
 
 transformers = pytest.importorskip("transformers")
@@ -98,13 +99,6 @@ def test_document_masking_makes_each_document_see_only_itself():
     assert not torch.allclose(without_mask[0, len(doc_a):], alone[0], atol=1e-3)
 
 
-def repeated_heads_attention(q, k, v, mask=None):
-    """The reference: every key/value head copied out to one per query head, then plain SDPA."""
-    groups = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-                                          attn_mask=mask, is_causal=mask is None and q.shape[2] > 1)
-
-
 def logits_of_every_attention_case(m):
     """fp32 logits of a prefill without a mask (causal), a packed prefill with document masking,
     decoding one token at a time against the KV cache, and three tokens at once after a cached
@@ -120,24 +114,37 @@ def logits_of_every_attention_case(m):
     return out
 
 
-def test_accelerator_attention_gives_the_logits_of_copied_out_heads(monkeypatch):
-    # The CUDA path reads shared key/value heads in place where it can; run on the CPU, it must
-    # give what copying the heads out per query head gave, in every case it distinguishes.
+def test_attention_is_the_formula_softmax_of_scaled_scores_times_values():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 5, 8, generator=g) for h in (4, 2, 2))  # 4 query heads share 2 key/value heads
+    got = model.attention(q, k, v)
+    for head in range(4):
+        kv = head // 2  # query heads 0, 1 read key/value head 0; heads 2, 3 head 1
+        scores = q[:, head] @ k[:, kv].transpose(-1, -2) / math.sqrt(8)
+        scores = scores.masked_fill(torch.ones(5, 5).triu(1).bool(), float("-inf"))  # no look ahead
+        torch.testing.assert_close(got[:, head], scores.softmax(-1) @ v[:, kv])
+
+
+def test_the_fused_kernels_give_the_formulas_logits_in_every_case(monkeypatch):
     m = tiny_model()  # 8 query heads, 2 key/value heads
     with torch.no_grad():
-        monkeypatch.setattr(model, "attention", repeated_heads_attention)
+        monkeypatch.setattr(model, "FUSED_ATTENTION", False)
         expected = logits_of_every_attention_case(m)
-        monkeypatch.setattr(model, "attention", model.accelerator_attention)
+        monkeypatch.setattr(model, "FUSED_ATTENTION", True)
         got = logits_of_every_attention_case(m)
+        # The CUDA route (reading shared key/value heads in place where it can), run on the CPU.
+        monkeypatch.setattr(model, "fused_attention", model.accelerator_attention)
+        accelerator = logits_of_every_attention_case(m)
     for case in expected:
         torch.testing.assert_close(got[case], expected[case], rtol=1e-5, atol=1e-5, msg=case)
+        torch.testing.assert_close(accelerator[case], expected[case], rtol=1e-5, atol=1e-5, msg=case)
 
 
-def test_accelerator_attention_in_bf16_reads_shared_heads_like_copied_ones():
+def test_accelerator_attention_in_bf16_reads_shared_heads_like_the_formula():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 16, 32, generator=g) for h in (8, 2, 2))
     got = model.accelerator_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())  # the flash attention route
-    expected = repeated_heads_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float())
+    expected = model.attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float())
     assert got.dtype == torch.bfloat16 and (got.float() - expected).abs().max() < 2e-2
 
 
@@ -159,7 +166,7 @@ def hf_model(tmp_path, tie=False, factor=None, seed=0):
 @pytest.mark.parametrize("tie, factor", [(False, None), (False, 8.0), (True, 32.0)])
 def test_logits_and_greedy_generation_match_transformers(tmp_path, tie, factor):
     hf = hf_model(tmp_path, tie=tie, factor=factor)
-    ours = Transformer.from_pretrained(str(tmp_path)).eval()
+    ours = load_model(str(tmp_path)).eval()
     assert ours.args.tie_word_embeddings == tie and ours.args.use_scaled_rope == (factor is not None)
     x = torch.randint(0, 300, (2, 150))  # longer than the original context, so scaling matters
     with torch.no_grad():
@@ -174,7 +181,7 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path):
     for tie in (False, True):
         m = tiny_model(tie_word_embeddings=tie, use_scaled_rope=True, rope_original_max_seq_len=32)
         path = tmp_path / f"hf{tie}"
-        m.export_hf(str(path))
+        export_hf(m, str(path))
         hf = transformers.LlamaForCausalLM.from_pretrained(str(path)).eval()
         x = torch.randint(0, 300, (2, 100))
         with torch.no_grad():
@@ -183,12 +190,12 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path):
 
 def test_newer_rope_parameters_config_key_loads_the_same_model(tmp_path):
     hf_model(tmp_path, factor=8.0)
-    old = Transformer.from_pretrained(str(tmp_path))
+    old = load_model(str(tmp_path))
     cfg = json.loads((tmp_path / "config.json").read_text())
     rope = cfg.pop("rope_scaling")
     cfg["rope_parameters"] = {**rope, "rope_theta": cfg.pop("rope_theta")}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    new = Transformer.from_pretrained(str(tmp_path))
+    new = load_model(str(tmp_path))
     assert new.args == old.args
     x = torch.randint(0, 300, (1, 50))
     assert torch.equal(new(x), old(x))
@@ -198,8 +205,8 @@ def test_sharded_hf_folder_with_index_loads(tmp_path):
     hf = hf_model(tmp_path / "one")
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    a = Transformer.from_pretrained(str(tmp_path / "one"))
-    b = Transformer.from_pretrained(str(tmp_path / "sharded"))
+    a = load_model(str(tmp_path / "one"))
+    b = load_model(str(tmp_path / "sharded"))
     x = torch.randint(0, 300, (1, 30))
     assert torch.equal(a(x), b(x))
 
@@ -239,7 +246,7 @@ def write_meta_folder(m, path, n_shards, replicate_kv=False):
 def test_meta_folder_loads_with_shards_concatenated(tmp_path, n_shards, replicate_kv):
     m = tiny_model(n_kv_heads=2 if not replicate_kv else 2)
     write_meta_folder(m, tmp_path / "meta", n_shards, replicate_kv)
-    loaded = Transformer.from_pretrained(str(tmp_path / "meta"))
+    loaded = load_model(str(tmp_path / "meta"))
     x = torch.randint(0, 300, (2, 40))
     assert torch.equal(loaded(x), m(x))
 
@@ -247,17 +254,17 @@ def test_meta_folder_loads_with_shards_concatenated(tmp_path, n_shards, replicat
 def test_meta_folder_of_a_tied_model_gets_llama32_scaling(tmp_path):
     m = tiny_model(tie_word_embeddings=True, use_scaled_rope=True, rope_scaling_factor=32.0)
     write_meta_folder(m, tmp_path / "meta", 1)
-    loaded = Transformer.from_pretrained(str(tmp_path / "meta"))
+    loaded = load_model(str(tmp_path / "meta"))
     assert loaded.args.tie_word_embeddings and loaded.args.rope_scaling_factor == 32.0
 
 
 def test_own_checkpoint_round_trips_and_stores_tied_weights_once(tmp_path):
     from safetensors import safe_open
     m = tiny_model(tie_word_embeddings=True)
-    m.save_pretrained(str(tmp_path), extra={"note": "x"})
+    save_model(m, str(tmp_path), extra={"note": "x"})
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert "output.weight" not in f.keys()
-    loaded = Transformer.from_pretrained(str(tmp_path))
+    loaded = load_model(str(tmp_path))
     assert loaded.output.weight is loaded.tok_embeddings.weight
     x = torch.randint(0, 300, (2, 20))
     assert torch.equal(loaded(x), m(x))
@@ -265,15 +272,15 @@ def test_own_checkpoint_round_trips_and_stores_tied_weights_once(tmp_path):
 
 
 def test_loading_in_bf16_gives_bf16_parameters(tmp_path):
-    tiny_model().save_pretrained(str(tmp_path))
-    m = Transformer.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    save_model(tiny_model(), str(tmp_path))
+    m = load_model(str(tmp_path), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     assert m.rope_cos.dtype == torch.float32
 
 
 def test_a_folder_without_weights_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
-        Transformer.from_pretrained(str(tmp_path))
+    with pytest.raises(UserError, match="is not a checkpoint folder: it needs config.json"):
+        load_model(str(tmp_path))
 
 
 # --- generation ---------------------------------------------------------------------------------

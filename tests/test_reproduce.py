@@ -39,8 +39,9 @@ def write_preset(tmp_path):
     (preset / "baseline.toml").write_text(TUNE + "epochs = 20\n")
     (preset / "student.toml").write_text(TUNE + "epochs = 20\ntemperature = 2.0\nprefix_len = 8\n")
     (preset / "memorize.toml").write_text(
-        "prefix_len = 8\nsuffix_len = 8\nbatch_size = 32\ngenerate = true\nextract_samples = 16\n"
+        "prefix_len = 8\nsuffix_len = 8\nbatch_size = 32\ngenerate = true\n"
         "classifier_trials = 5\nclassifier_min_positives = 2\n")
+    (preset / "extract.toml").write_text("samples = 16\nwindow = 8\nbatch_size = 8\n")
     return preset
 
 

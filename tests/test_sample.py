@@ -7,6 +7,8 @@ import prepare
 import quantize
 import sample
 from config import UserError
+from checkpoint import save_model
+from data import open_split
 from model import ModelArgs, Transformer
 from test_train import run, write_tokenizer
 from tokenizer import Tokenizer, train_bpe
@@ -21,7 +23,7 @@ def ckpt(tmp_path):
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
                               multiple_of=16, max_seq_len=128))
     m.init_weights()
-    m.save_pretrained(str(tmp_path))
+    save_model(m, str(tmp_path))
     return tmp_path, m, tok
 
 
@@ -79,7 +81,7 @@ def test_a_model_trained_on_packed_documents_stops_at_their_end(tmp_path, capsys
     run(tmp_path / "data", tmp_path / "model", "--seq_len=8", "--batch_size=4", "--max_steps=300",
         "--warmup_steps=10", "--eval_interval=0")
     tok = Tokenizer(str(tmp_path / "data" / "tokenizer.model"))
-    stream = prepare.open_split(str(tmp_path / "data"), "train").tolist()
+    stream = open_split(str(tmp_path / "data"), "train").tolist()
     train_docs = tok.decode(stream).split("<|end_of_text|>")[:-1]  # each was <|begin_of_text|>text
     assert len(train_docs) == 3
     capsys.readouterr()

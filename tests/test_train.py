@@ -20,8 +20,10 @@ import train as train_module
 from config import UserError, parse_config
 from memorize import memorized_flags
 from model import ModelArgs, Transformer
-from prepare import open_split, write_dataset
-from train import TrainConfig, batch_plan, cross_entropy_loss, lr_at, main, prepare_frozen_model, train
+from checkpoint import export_hf, load_model
+from data import open_split, write_dataset
+from distributed import prepare_frozen_model
+from train import TrainConfig, batch_plan, cross_entropy_loss, lr_at, main, train
 
 BOS = 256  # the byte-level tokenizer below has 256 ranks, so its first special token is 256
 TINY = ["--model=tiny", "--dim=32", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1", "--dtype=fp32",
@@ -164,7 +166,7 @@ def test_memorization_is_tracked_during_training_once_per_distinct_example(tmp_p
     assert [r["step"] for r in tracked] == [0, 60, 120, 180] and [r["epoch"] for r in tracked] == [0, 20, 40, 60]
     assert all(r["examples"] == 8 and r["memorized"] == len(r["indices"]) for r in tracked)
     assert tracked[0]["memorized"] == 0 and 1 not in tracked[-1]["indices"]  # row 1 is row 0 again
-    model = Transformer.from_pretrained(str(tmp_path / "run"))
+    model = load_model(str(tmp_path / "run"))
     flags = memorized_flags(model, np.delete(rows, 1, axis=0), 4, 8)
     assert tracked[-1]["indices"] == [i + (i > 0) for i in np.flatnonzero(flags).tolist()] and flags.sum() > 0
 
@@ -207,7 +209,7 @@ def test_resume_continues_bitwise_exactly(data, tmp_path, layout):
     meta = json.loads((tmp_path / "parts" / "config.json").read_text())
     assert meta["step"] == 8 and meta["train_config"]["max_steps"] == 8 and meta["model_args"]["dim"] == 32
     assert meta["tokenizer_sha256"] == hashlib.sha256((tmp_path / "parts" / "tokenizer.model").read_bytes()).hexdigest()
-    assert Transformer.from_pretrained(str(tmp_path / "parts")).args.vocab_size == 512
+    assert load_model(str(tmp_path / "parts")).args.vocab_size == 512
 
 
 def test_a_checkpoint_interrupted_mid_write_is_never_resumed(data, tmp_path, monkeypatch):
@@ -249,7 +251,7 @@ def test_a_checkpoint_interrupted_mid_write_is_never_resumed(data, tmp_path, mon
 
 def test_fine_tunes_from_own_and_hugging_face_checkpoints(data, tmp_path):
     run(data["examples"], tmp_path / "base", "--batch_size=8", "--epochs=30")
-    Transformer.from_pretrained(str(tmp_path / "base")).export_hf(str(tmp_path / "hf"))
+    export_hf(load_model(str(tmp_path / "base")), str(tmp_path / "hf"))
     first = {}
     for name in ("base", "hf"):
         run(data["examples"], tmp_path / f"ft_{name}", "--batch_size=8", "--max_steps=1", "--warmup_steps=0",
@@ -277,8 +279,7 @@ def test_a_subclassed_config_loss_fn_and_frozen_model_plug_into_the_loop(data, t
     seen = {}
 
     def setup_hook(ctx):
-        seen["teacher"] = prepare_frozen_model(Transformer.from_pretrained(ctx.cfg.teacher), ctx)
-        seen["ctx"] = ctx
+        seen["teacher"] = prepare_frozen_model(load_model(cfg.teacher), ctx)
 
     def loss_fn(model, batch):
         assert set(batch) == {"inputs", "targets"} and batch["inputs"].shape == (4, 16)
@@ -293,7 +294,8 @@ def test_a_subclassed_config_loss_fn_and_frozen_model_plug_into_the_loop(data, t
     summary = train(cfg, loss_fn=loss_fn, setup_hook=setup_hook)
     teacher = seen["teacher"]
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    assert seen["ctx"].model is not teacher and seen["ctx"].cfg.alpha == 0.25
+    saved_teacher = load_model(str(tmp_path / "teacher")).state_dict()  # trained beside it, never updated
+    assert all(torch.equal(v, saved_teacher[k]) for k, v in teacher.state_dict().items())
     rows, val = log_rows(tmp_path / "student", "train"), log_rows(tmp_path / "student", "val")[-1]
     assert all(r["loss"] == pytest.approx(r["ce"] + 0.25 * r["kl"]) for r in rows)
     # Validation still reports the student's own cross-entropy, next to the loss's metrics.
@@ -328,12 +330,12 @@ def test_tokenizer_or_vocabulary_that_differs_from_the_checkpoint_is_refused(dat
     before = file_hashes(ckpt)
     other_file = examples_dataset(tmp_path / "other_file", shift=1)  # same 512 tokens, other bytes
     other_vocab = examples_dataset(tmp_path / "other_vocab", n_ranks=300)
-    with pytest.raises(UserError, match="the tokenizer of .* differs from the one of"):
+    with pytest.raises(UserError, match="was trained with another tokenizer than the data in"):
         run(other_file, tmp_path / "ft", f"--init_from={ckpt}", "--batch_size=4")
     with pytest.raises(UserError, match="has a vocabulary of 512 tokens but .* has 556"):
         run(other_vocab, tmp_path / "ft", f"--init_from={ckpt}", "--batch_size=4")
     # Resuming on other data, even with --overwrite, stops before anything is written.
-    with pytest.raises(UserError, match="differs from the one of"):
+    with pytest.raises(UserError, match="another tokenizer"):
         run(other_file, ckpt, "--batch_size=4", "--max_steps=1", "--warmup_steps=1", "--resume")
     assert file_hashes(ckpt) == before and not (tmp_path / "ft").exists()
 
@@ -402,7 +404,7 @@ def test_the_presets_of_all_three_folders_are_checked():
 def test_an_interrupted_move_replaces_the_sharded_optimizer_folder_whole(tmp_path):
     # FSDP checkpoints hold a folder of optimizer shards; a save killed while moving files into
     # place leaves the new folder in .ckpt-ready/, and the next start puts it in place of the old.
-    from train import finish_interrupted_save
+    from checkpoint import finish_interrupted_save
     (tmp_path / "optimizer").mkdir()
     (tmp_path / "optimizer" / "shard-00003.safetensors").write_text("old")
     (tmp_path / ".ckpt-ready" / "optimizer").mkdir(parents=True)

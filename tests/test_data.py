@@ -1,0 +1,46 @@
+"""data.py: the dataset folder is written whole or not at all, read back as written, refused in one
+sentence when missing or damaged; distinct examples are found however often they were planted."""
+
+import numpy as np
+import pytest
+
+from config import UserError
+from data import distinct_examples, open_split, read_info, write_dataset
+from test_prepare import make_docs, prepare_run, write_txt
+
+
+def test_write_dataset_and_open_split_round_trip(tmp_path):
+    tokenizer = tmp_path / "data" / "ds" / "tokenizer.model"
+    prepare_run(tmp_path, write_txt(tmp_path / "in", make_docs(4)))
+    rows = np.arange(5 * 8).reshape(5, 8) % 500
+    splits = {"train": rows, "val": rows[:2]}
+    meta = write_dataset(tmp_path / "gen", tokenizer, splits, "examples", {"source": "x"})
+    assert meta["source"] == "x" and meta["example_len"] == 8 and meta["splits"]["train"]["examples"] == 5
+    split = open_split(tmp_path / "gen", "train")
+    assert split.shape == (5, 8) and split.dtype == np.uint16 and (split == rows).all()
+    with pytest.raises(ValueError, match="ids below 600"):
+        write_dataset(tmp_path / "gen", tokenizer, {"train": rows + 600}, "examples")
+    assert (open_split(tmp_path / "gen", "train") == rows).all()  # the failed write left it intact
+
+
+def test_reading_a_missing_or_damaged_dataset_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no meta.json"):
+        read_info(tmp_path / "nothing")
+    prepare_run(tmp_path, write_txt(tmp_path / "in", make_docs(4)), "--val_fraction=0")
+    out = tmp_path / "data" / "ds"
+    with pytest.raises(UserError, match=r"no validation data \(--val_fraction=0\); .* larger --val_fraction"):
+        open_split(out, "val")
+    with pytest.raises(UserError, match="no 'test' split"):
+        open_split(out, "test")
+    with open(out / "train.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(UserError, match="does not match meta.json"):
+        open_split(out, "train")
+
+
+def test_distinct_examples_are_the_first_copies_in_row_order_with_their_counts_and_groups():
+    rows = np.array([[5, 1], [7, 2], [5, 1], [9, 9], [7, 2], [5, 1]])
+    first, copies, group = distinct_examples(rows)
+    assert first.tolist() == [0, 1, 3] and copies.tolist() == [3, 2, 1]
+    assert group.tolist() == [0, 1, 0, 2, 1, 0]  # each row's example, as a position in first
+    assert (rows[first][group] == rows).all()

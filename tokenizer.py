@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 
 import regex
 import tiktoken
-from config import UserError, progress_bar
+from config import UserError, atomic_path, progress_bar
 
 # Llama 3's split regex (Meta's reference): English contractions, words with one optional leading
 # non-letter, numbers of at most 3 digits, punctuation runs, and whitespace. BPE never merges
@@ -236,10 +236,8 @@ def train_bpe(text_iter, vocab_size, path, progress=True):
                 del pair_counts[pair]
     bar.close()
 
-    # 4. Write `base64(token) rank` lines, atomically (a temporary name, then rename).
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    # 4. Write `base64(token) rank` lines, whole or not at all.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for rank, token in enumerate(vocab):
             f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
-    os.replace(tmp, path)
     return Tokenizer(path)

@@ -257,3 +257,21 @@ def test_report_shows_a_dash_for_a_model_without_validation_perplexity(tmp_path,
     report.main([f"--out={tmp_path}"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| student_soft")]
     assert rows == ["| student_soft | 1.00M | 1 | 10.00% | - | - | - |"]
+
+
+@pytest.mark.parametrize("script, args", [("sample", SAMPLE), ("distill", DISTILL), ("memorize", MEMORIZE),
+                                          ("extract", EXTRACT), ("train", TRAIN + ["--init_from={ckpt}"])])
+def test_a_checkpoint_that_cannot_be_read_gets_one_line_in_every_script(script, args, paths, capfd, monkeypatch):
+    # As a user without read permission on the weights sees it (tests run as root, who may read anything).
+    import checkpoint
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(checkpoint, "safe_open", refuse)
+    monkeypatch.chdir(paths["root"])
+    before = tree_hashes(paths["root"])
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(SCRIPTS[script].main, [a.format(**paths) for a in args])
+    check_one_line(exit_info.value.code, *capfd.readouterr(), "Permission denied", paths)
+    assert tree_hashes(paths["root"]) == before

@@ -282,9 +282,9 @@ def _hf_tensors(raw, args):
                                 "reads Llama 3 checkpoints (LlamaForCausalLM) only")
             name = f"layers.{i}.{_HF_LAYER[module]}.{param}"
             if module == "self_attn.q_proj":
-                w = _hf_unpermute(w, args.n_heads)
+                w = from_rotate_half_layout(w, args.n_heads)
             elif module == "self_attn.k_proj":
-                w = _hf_unpermute(w, args.n_kv_heads)
+                w = from_rotate_half_layout(w, args.n_kv_heads)
         else:
             module, _, param = key.rpartition(".")
             if module not in _HF_TOP:
@@ -294,13 +294,16 @@ def _hf_tensors(raw, args):
         del w
 
 
-def _hf_permute(w, n_heads):
-    """Meta's adjacent-pair rotary layout -> Hugging Face's rotate-half layout, for wq/wk rows."""
+def to_rotate_half_layout(w, n_heads):
+    """wq or wk rows in Meta's rotary layout (each head's channels rotate in adjacent pairs: 0-1, 2-3,
+    ...) reordered for Hugging Face's (channel i rotates with i + head_dim / 2): per head, the even
+    rows first, then the odd ones. The same permutation of q and k leaves every q.k unchanged."""
     rows, cols = w.shape
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _hf_unpermute(w, n_heads):
+def from_rotate_half_layout(w, n_heads):
+    """The inverse of to_rotate_half_layout: Hugging Face's q/k rows back in Meta's order."""
     rows, cols = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
@@ -347,9 +350,9 @@ def export_hf(model, path, bos_token_id=None, eos_token_id=None):
         if module.startswith("layers."):
             _, i, sub = module.split(".", 2)
             if sub == "attention.wq":
-                w = _hf_permute(w, a.n_heads)
+                w = to_rotate_half_layout(w, a.n_heads)
             elif sub == "attention.wk":
-                w = _hf_permute(w, a.n_kv_heads)
+                w = to_rotate_half_layout(w, a.n_kv_heads)
             key = f"model.layers.{i}.{to_hf_layer[sub]}.{param}"
         else:
             key = f"{to_hf_top[module]}.{param}"

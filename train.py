@@ -183,12 +183,11 @@ def batch_plan(batch_size, micro_batch_size, world_size):
 
 def micro_batches(rows, ctx, micro_batch_size, bos_id=None):
     """This process's share of the rows (B, T+1), cut into micro-batches on the device: pairs of a
-    dict (inputs and targets (b, T), doc_ids (b, T) for packed data: document masking) and its
-    weight, the micro-batch's share of the B rows times the number of processes (gradients are
-    averaged over processes), so that weighted mean losses add up to the batch's mean. With bos_id
-    (packed data), each position's document (doc_ids) is added for document masking. A process left
-    without rows (a partial last batch smaller than the process count) runs one row at weight 0, so
-    that it still joins the gradient reduction."""
+    dict (inputs and targets (b, T); with bos_id, packed data, also each position's document, doc_ids
+    (b, T), for document masking) and its weight, the micro-batch's share of the B rows times the
+    number of processes (gradients are averaged over processes), so that weighted mean losses add up
+    to the batch's mean. A process left without rows (a partial last batch smaller than the process
+    count) runs one row at weight 0, so that it still joins the gradient reduction."""
     lo, hi = len(rows) * ctx.rank // ctx.world_size, len(rows) * (ctx.rank + 1) // ctx.world_size
     mine, weight = (rows[lo:hi], 1.0) if hi > lo else (rows[:1], 0.0)
     batches = []

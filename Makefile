@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test reproduce robustness study sweep-temperature filter bench clean-reproduce
+.PHONY: setup test notebooks reproduce robustness study sweep-temperature filter bench clean-reproduce
 
 # ---- environment -----------------------------------------------------------------------------
 # The virtual environment, rebuilt when the requirements change.
@@ -16,6 +16,17 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# ---- the walkthroughs as executed notebooks, in notebooks/ (ignored by git: outputs are never committed)
+notebooks: $(VENV)/.notebooks
+	mkdir -p notebooks
+	for f in walkthroughs/0*.py; do \
+	  $(VENV)/bin/jupytext --to ipynb --set-kernel python3 --execute --run-path walkthroughs \
+	    -o notebooks/$$(basename $$f .py).ipynb $$f || exit 1; \
+	done
+$(VENV)/.notebooks: requirements-notebooks.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-notebooks.txt
+	touch $@
 
 # ---- the paper's experiment at small scale ---------------------------------------------------
 # make reproduce [FAMILY_SEED=k] [SEEDS=3] [PRESET=configs/reproduce]. A step whose output exists and

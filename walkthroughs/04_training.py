@@ -14,13 +14,10 @@ import lesson  # first: it puts the project's files (model.py, train.py, ...) on
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 import prepare
 import train
@@ -119,18 +116,8 @@ check.close("train.accumulate_gradients leaves the full batch's gradient", llama
 # uniform guess's ln(vocabulary) as the model learns which words follow which.
 
 # %%
-rng = np.random.default_rng(0)
-words = {"the": ["the", "a", "this"], "adj": ["old", "young", "fair", "proud", "gentle", "dark"],
-         "noun": ["king", "queen", "knight", "moon", "river", "sword", "crown"],
-         "verb": ["sees", "loves", "fears", "follows", "praises", "remembers"]}
-corpus = os.path.join(lesson.SCRATCH, "04_corpus")
-shutil.rmtree(corpus, ignore_errors=True)
-os.makedirs(corpus)
-for d in range(12):
-    lines = [" ".join(rng.choice(words[p]) for p in ("the", "adj", "noun", "verb", "the", "adj", "noun")) + "."
-             for _ in range(150)]
-    with open(os.path.join(corpus, f"doc{d:02d}.txt"), "w") as f:
-        f.write("\n".join(lines).capitalize() + "\n")
+corpus = lesson.grammar_corpus(os.path.join(lesson.SCRATCH, "04_corpus"))
+print(open(os.path.join(corpus, "doc00.txt")).read()[:160])
 prepare.main([f"--input={corpus}", f"--out_dir={lesson.SCRATCH}", "--name=04_data", "--vocab_size=600",
               "--val_fraction=0.2"])
 data = os.path.join(lesson.SCRATCH, "04_data")

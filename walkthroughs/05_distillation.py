@@ -17,11 +17,9 @@
 # %%
 import lesson  # first: it puts the project's files (model.py, train.py, ...) on the path
 
-import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import distill
 from model import ModelArgs, Transformer

@@ -16,7 +16,6 @@
 import lesson  # first: it puts the project's files (model.py, train.py, ...) on the path
 
 import json
-import math
 import os
 import zlib
 

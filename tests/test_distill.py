@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from config import UserError
 from distill import distillation_loss, divergence
 from test_distributed import free_port
 from checkpoint import load_model
+from data import open_split, write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -201,7 +203,7 @@ def test_hard_distillation_frees_the_teacher_and_does_not_load_it_for_reused_gen
 
     import train
     data, t = teacher
-    loaded, alive_at_training, load, build = [], [], distill.load_teacher, train.build_model
+    loaded, alive_at_training, load, build = [], [], distill.load_teacher, train.place
 
     def load_and_watch(cfg, device):
         model = load(cfg, device)
@@ -214,7 +216,7 @@ def test_hard_distillation_frees_the_teacher_and_does_not_load_it_for_reused_gen
         return build(*args)
 
     monkeypatch.setattr(distill, "load_teacher", load_and_watch)
-    monkeypatch.setattr(train, "build_model", build_and_look)
+    monkeypatch.setattr(train, "place", build_and_look)  # the student goes onto the device to train
     distill.main(tiny_run(data, tmp_path, teacher=t, **HARD))
     assert len(loaded) == 1 and alive_at_training == [False]
 
@@ -236,6 +238,60 @@ def test_a_damaged_generation_stamp_makes_the_generations_again(teacher, one_pro
     distill.main(tiny_run(data, tmp_path, teacher=t, overwrite=True, **HARD))
     assert loads == [1]
     assert (tmp_path / "teacher_data" / "train.bin").read_bytes() == (one_process_hard / "teacher_data" / "train.bin").read_bytes()
+
+
+def generations(out):
+    return np.fromfile(out / "teacher_data" / "train.bin", dtype=np.uint16).reshape(48, 24)
+
+
+@pytest.mark.parametrize("change", ["teacher", "prefix_len", "data"])
+def test_cached_generations_are_made_again_when_teacher_prompt_or_data_change(teacher, one_process_hard, tmp_path,
+                                                                              monkeypatch, change):
+    # The cache in out_dir/teacher_data holds one teacher's continuations of one dataset from one
+    # prompt length; reused for another, it would silently train the student on the wrong text.
+    data, t = teacher
+    out = tmp_path / "run"
+    shutil.copytree(one_process_hard, out)  # its generations: the fixture teacher's, prefix_len 5, the data
+    settings = dict(HARD)
+    if change == "teacher":  # same shape, other weights
+        import train
+        t = tmp_path / "other_teacher"
+        train.main(tiny_run(data, t, epochs=3, dim=48, seed=9))
+    elif change == "prefix_len":
+        settings["prefix_len"] = 7
+    else:  # same token counts, other tokens
+        rows = open_split(str(data), "train").copy()
+        rows[:, 1:] = (rows[:, 1:] + 1) % 300
+        data = tmp_path / "data"
+        write_dataset(str(data), str(teacher[0].parent / "tok.model"), {"train": rows, "val": open_split(str(teacher[0]), "val")},
+                      "examples")
+    loads, load = [], distill.load_teacher
+    monkeypatch.setattr(distill, "load_teacher", lambda cfg, device: loads.append(1) or load(cfg, device))
+    distill.main(tiny_run(data, out, teacher=t, overwrite=True, **settings))
+    assert loads == [1]  # made again
+    got, prompt = generations(out), 1 + settings["prefix_len"]
+    rows = open_split(str(data), "train")
+    expected = load_model(str(t)).generate(torch.from_numpy(rows[:4, :prompt].astype(np.int64)), 24 - prompt)
+    assert np.array_equal(got[:4, prompt:], expected.numpy()) and np.array_equal(got[:, :prompt], rows[:, :prompt])
+
+
+def test_a_repeated_example_is_continued_once_and_its_copies_get_the_same_text(teacher, tmp_path, monkeypatch):
+    data, t = teacher
+    rows = open_split(str(data), "train").copy()
+    rows[[10, 20, 30]] = rows[5]  # one example four times, others once: 45 distinct in 48 rows
+    planted = tmp_path / "data"
+    write_dataset(str(planted), str(data.parent / "tok.model"), {"train": rows, "val": open_split(str(data), "val")},
+                  "examples")
+    continued, continuations = [], distill.teacher_continuations
+    monkeypatch.setattr(distill, "teacher_continuations",
+                        lambda teacher, rows, *a, **k: continued.append(len(rows)) or continuations(teacher, rows, *a, **k))
+    distill.main(tiny_run(planted, tmp_path / "run", teacher=t, **HARD))
+    got = generations(tmp_path / "run")
+    assert continued == [45]
+    assert all(np.array_equal(got[i], got[5]) for i in (10, 20, 30))
+    prompt = 1 + HARD["prefix_len"]
+    expected = load_model(str(t)).generate(torch.from_numpy(rows[[5, 6], :prompt].astype(np.int64)), 24 - prompt)
+    assert np.array_equal(got[[5, 6], prompt:], expected.numpy())
 
 
 def test_hard_distillation_generates_in_shares_under_torchrun_and_matches_one_process(

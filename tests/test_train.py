@@ -148,10 +148,24 @@ def test_every_example_is_seen_exactly_once_per_epoch_when_the_batch_does_not_di
     summary = run(data, tmp_path / "run", "--batch_size=4", "--epochs=3", loss_fn=loss_fn)
     assert summary["step"] == 8  # 30 rows: seven batches of 4, then one of 2
     rows = [tuple(r[:-1]) for r in np.asarray(open_split(data, "train")).tolist()]
-    for epoch in range(3):  # the stream is three permutations of the ten examples, back to back
-        assert sorted(seen[10 * epoch:10 * (epoch + 1)]) == sorted(rows)
+    epochs = [seen[10 * epoch:10 * (epoch + 1)] for epoch in range(3)]
+    for epoch in epochs:  # the stream is three permutations of the ten examples, back to back
+        assert sorted(epoch) == sorted(rows)
     assert len(seen) == 30
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]  # each epoch shuffled anew (1 / 10! to repeat)
     assert log_rows(tmp_path / "run", "train")[-1]["epoch"] == 3
+
+
+def test_each_epochs_order_is_drawn_from_the_seed_and_the_epoch():
+    cfg = TrainConfig(batch_size=4, epochs=3, seed=5)
+    data = train_module.TrainData.__new__(train_module.TrainData)  # the order alone, without a dataset
+    data.rows, data.seed, data._order = 1000, cfg.seed, (None, None)
+    orders = [data.order(e).copy() for e in range(3)]
+    assert all(sorted(o) == list(range(1000)) for o in orders)
+    assert not any((a == b).all() for a, b in [(orders[0], orders[1]), (orders[1], orders[2])])
+    assert (data.order(1) == orders[1]).all()  # the same (seed, epoch), the same order: resume needs nothing else
+    data.seed, data._order = 6, (None, None)
+    assert not (data.order(0) == orders[0]).all()
 
 
 def test_memorization_is_tracked_during_training_once_per_distinct_example(tmp_path):
@@ -351,6 +365,36 @@ def test_existing_checkpoint_needs_resume_or_overwrite(data, tmp_path):
     assert file_hashes(out) == before
     run(data["examples"], out, "--batch_size=4", "--max_steps=3", "--overwrite")
     assert json.loads((out / "config.json").read_text())["step"] == 3 and list(losses(out)) == [1, 2, 3]
+
+
+# Settings that are refused, each with what the refusal names. Every one of them comes with
+# --overwrite onto a folder that holds a trained checkpoint: the refusal must leave it as it was.
+REFUSED = {
+    "memorization lengths longer than the examples": (["--mem_every=1", "--mem_prefix_len=10", "--mem_suffix_len=10"],
+                                                       "must fit the 17-token examples"),
+    "a missing --mem_data": (["--mem_every=1", "--mem_data={tmp}/nowhere"], "not a prepared dataset"),
+    "a packed --mem_data": (["--mem_every=1", "--mem_data={packed}"], "must hold examples"),
+    "a model shape that does not divide": (["--dim=30", "--n_heads=4"], "the model shape does not work"),
+    "an --init_from that is not a checkpoint": (["--init_from={tmp}"], "is missing or incomplete"),
+    "an --init_from with another tokenizer": (["--init_from={other}"], "another tokenizer"),
+    "a batch larger than the data": (["--batch_size=16"], "larger than the training split"),
+    "a warm-up longer than the run": (["--warmup_steps=50"], "goes beyond the end of the run"),
+    "a micro-batch that does not divide the batch": (["--micro_batch_size=3"], "--micro_batch_size=3"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=list(REFUSED))
+def test_a_refused_setting_leaves_the_run_folder_as_it_was_even_with_overwrite(data, tmp_path, case):
+    out = tmp_path / "run"
+    run(data["examples"], out, "--batch_size=4", "--max_steps=2")
+    other = tmp_path / "other_run"
+    run(examples_dataset(tmp_path / "other_data", shift=1), other, "--batch_size=4", "--max_steps=2")
+    before = file_hashes(out)
+    args, says = REFUSED[case]
+    args = [a.format(tmp=tmp_path, packed=data["packed"], other=other) for a in args]
+    with pytest.raises(UserError, match=says):
+        run(data["examples"], out, "--batch_size=4", "--max_steps=4", "--overwrite", *args)
+    assert file_hashes(out) == before  # every file there, byte for byte, and no other
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test notebooks reproduce robustness study sweep-temperature filter bench clean-reproduce
+.PHONY: FORCE setup test notebooks reproduce robustness study sweep-temperature filter bench clean-reproduce
 
 # ---- environment -----------------------------------------------------------------------------
 # The virtual environment, rebuilt when the requirements change.
@@ -85,9 +85,12 @@ TEACHER_BASE := $(if $(TEACHER_INIT),,$(BASES)/teacher/model.safetensors)
 STUDENT_BASE := $(if $(STUDENT_INIT),,$(BASES)/student/model.safetensors)
 FAMILY := base_teacher base_student teacher $(BASELINE_NAMES) student_soft student_hard
 MODELS := base_teacher:$(TEACHER_START),base_student:$(STUDENT_START),$(subst $() ,$(comma),$(foreach m,$(wordlist 3,99,$(FAMILY)),$(m):$(OUT)/$(m)))
-# Rebuilt (and so retraining the family) only when FAMILY_SEED differs from the last run's in OUT.
+# The family seed of the models in OUT: rewritten (and so retraining the family) only when FAMILY_SEED
+# differs from the last run's. Made only by the steps that need it, never by make's parsing.
 SEED_STAMP := $(OUT)/.family_seed
-$(shell mkdir -p $(OUT) && (echo $(FAMILY_SEED) | cmp -s - $(SEED_STAMP) || echo $(FAMILY_SEED) > $(SEED_STAMP)))
+$(SEED_STAMP): FORCE
+	@mkdir -p $(@D); echo $(FAMILY_SEED) | cmp -s - $@ || echo $(FAMILY_SEED) > $@
+FORCE:
 
 # 0. D, the fine-tuning data: fixed-length examples of part of the corpus's documents, and the
 #    bases' pretraining text: the other documents (prepare_base.toml overrides prepare.toml's layout).

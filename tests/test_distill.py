@@ -306,6 +306,18 @@ def test_hard_distillation_generates_in_shares_under_torchrun_and_matches_one_pr
     assert json.loads((got / "meta.json").read_text())["hard_distillation"]["ranks"] == 2
 
 
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_a_stopped_distillation_resumes_exactly(teacher, tmp_path, kind):
+    data, t = teacher
+    settings = dict(teacher=t, kind=kind, prefix_len=5, epochs=3, eval_interval=4)
+    distill.main(tiny_run(data, tmp_path / "whole", **settings))
+    distill.main(tiny_run(data, tmp_path / "parts", stop_after=7, **settings))
+    distill.main(tiny_run(data, tmp_path / "parts", resume=True, **settings))
+    assert read_losses(tmp_path / "parts") == read_losses(tmp_path / "whole") and len(read_losses(tmp_path / "whole")) == 18
+    whole = load_model(str(tmp_path / "whole")).state_dict()
+    assert all(torch.equal(v, whole[k]) for k, v in load_model(str(tmp_path / "parts")).state_dict().items())
+
+
 def test_bad_teacher_settings_are_refused_in_one_sentence(teacher, tmp_path):
     data, t = teacher
     with pytest.raises(UserError, match="does not exist"):

@@ -47,7 +47,8 @@ def write_preset(tmp_path):
 
 def make(target, preset, tmp_path, *args):
     cmd = ["make", target, f"PRESET={preset}", f"DATA={tmp_path}/data/tiny", f"BASE_DATA={tmp_path}/data/tiny_base",
-           f"BASES={tmp_path}/bases", f"ROBUSTNESS={tmp_path}/robustness", "SEEDS=2", *args]
+           f"BASES={tmp_path}/bases", f"ROBUSTNESS={tmp_path}/robustness", f"OUT={tmp_path}/reproduce", "SEEDS=2",
+           *args]
     # A fresh top-level make, as a user's: under `make test` the outer make's settings would make this
     # one a sub-make without job slots, and the steps would run one at a time instead of side by side.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
@@ -61,13 +62,16 @@ def records(folder):
 
 def test_make_robustness_runs_three_consistent_families_and_tallies_each_finding(tmp_path):
     preset = write_preset(tmp_path)
+    checkout_out = os.path.join(ROOT, "out", "reproduce")
+    was_there = os.path.exists(checkout_out)
     make("robustness", preset, tmp_path, "FAMILY_SEEDS=1 2 3")
+    assert os.path.exists(checkout_out) == was_there  # everything went to the folders it was given
     root = tmp_path / "robustness"
     summaries = {}
     for k in (1, 2, 3):
         out = root / f"seed{k}"
         for f in ["report.md", "summary.json", "headline.txt", "memorization/per_example.jsonl",
-                  "memorization/report.md"]:
+                  "memorization/report.md", "extraction/summary.json", "extraction/samples.jsonl"]:
             assert (out / f).is_file(), f"seed{k}/{f}"
         s = summaries[f"seed{k}"] = json.loads((out / "summary.json").read_text())
         rows = records(out)
@@ -77,6 +81,8 @@ def test_make_robustness_runs_three_consistent_families_and_tallies_each_finding
                      "student_hard"]:
             m = s["models"][name]
             assert m["memorized"] == sum(r[name]["memorized"] for r in rows) and m["val_ppl"] > 1
+            # The preset decodes every suffix too: greedy decoding and the one-pass flag agree everywhere.
+            assert m["flag_disagreements"] == 0 and m["generated_memorized"] == m["memorized"]
         specific = [r for r in rows if r["teacher"]["memorized"] and not (r["baseline"]["memorized"]
                                                                           or r["baseline_seed2"]["memorized"])]
         assert s["teacher_specific"]["count"] == len(specific)
@@ -104,10 +110,15 @@ def test_make_robustness_runs_three_consistent_families_and_tallies_each_finding
         assert row["of"] == len(verdicts) == (1 if key in ("temperature", "filtering") else 3)
     table = (root / "report.md").read_text()
     assert "holds in" in table and all(f"[seed{k}](seed{k}/report.md)" in table for k in (1, 2, 3))
+    assert s["extraction"]["samples"] == 16 and "## Extraction attack" in (root / "seed1" / "report.md").read_text()
     # Nothing changed, so a rerun only rewrites the reports.
     again = make("robustness", preset, tmp_path, "FAMILY_SEEDS=1 2 3")
     assert "train.py" not in again and "distill.py" not in again and "memorize.py" not in again
     assert "report.py" in again
+    # The same family trained again from scratch, elsewhere: the same per-example records, byte for byte.
+    make("reproduce", preset, tmp_path, "FAMILY_SEED=2", f"OUT={tmp_path}/seed2_again")
+    for f in ("memorization/per_example.jsonl", "extraction/samples.jsonl"):
+        assert (tmp_path / "seed2_again" / f).read_bytes() == (root / "seed2" / f).read_bytes(), f
 
 
 def test_findings_are_judged_from_the_numbers_not_picked():

@@ -1,5 +1,6 @@
 """
-Weight-only row-wise int8 quantization of a Transformer, for faster decoding.
+Row-wise quantization of a Transformer's linear layers for decoding: int8 weights, or FP8 weights and
+activations as the Llama 3 paper serves 405B.
 
 - Why: decoding at a small batch reads every weight once per token, so the bytes of the weights
   bound its speed. int8 weights with one scale per output row are 4x fewer bytes than fp32 and 2x
@@ -25,14 +26,16 @@ Weight-only row-wise int8 quantization of a Transformer, for faster decoding.
 - `from_pretrained` quantizes while loading, one tensor at a time, so memory never holds the whole
   model in floating point; `quantized_copy` does the same from a model already in memory.
 
-Not here: the paper's own scheme is FP8 (e4m3) for weights *and* activations with dynamic
-row-wise activation scales capped at 1200, through `torch._scaled_mm` on Hopper GPUs. Weight-only
-int8 needs no activation scales, so the cap has no counterpart here; the FP8 path is left out
-because no GPU was available to test it.
+- The paper's own scheme, `kind="fp8"`: weights *and* activations in float8 e4m3 with one scale per
+  row (a weight's output row, an activation's token), the activations' scales computed on the fly
+  from each row's largest magnitude, bounded above by 1200 ("we upper bound the dynamic scaling
+  factors to 1200"), and the product through `torch._scaled_mm` (Hopper GPUs; PyTorch's CPU kernel
+  computes the same, slowly). Only feed-forward layers, as the paper does: `layers="ffn"`.
 
     model = quantize(load_model("out/small"))                                   # every linear layer
     model = quantize(load_model("out/small"), layers="ffn", keep_ends=True)      # the paper's choice
     model = from_pretrained("path/Llama-3.2-1B", "int8", dtype=torch.bfloat16)  # while loading
+    model = quantize(model, "fp8", layers="ffn", keep_ends=True)                  # Llama 3's FP8 (GPU)
 """
 
 import torch
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 
 from checkpoint import empty_model, load_model, load_weights
 
-KINDS = ("none", "int8")
+KINDS = ("none", "int8", "fp8")
 LAYERS = ("all", "ffn")
 CHUNK_ELEMENTS = 1 << 20  # rows are quantized in chunks of about this many weights (4 MB in fp32)
 # The CPU kernel works one input row at a time (about 0.2 ms per row on an 8192 x 2048 weight, 2
@@ -125,6 +128,51 @@ class Int8Embedding(Int8Rows):
         return F.embedding(tokens, self.weight).to(self.scale.dtype) * self.scale[tokens, None]
 
 
+# ----------------------------------------------------------------------------------------------
+# Row-wise FP8 (Llama 3 paper, section 6.2)
+
+FP8_MAX = 448.0  # the largest float8 e4m3 number
+ACTIVATION_BOUND = 1200.0  # the paper's upper bound on an activation row's scaling magnitude
+
+
+def fp8_rows(x, bound=None):
+    """(q, scale) with q float8 e4m3 (N, K) and scale fp32 (N, 1), q * scale ~ x (N, K): each row is
+    divided by its largest magnitude (bounded above by `bound`, so that one outlier token does not
+    flatten the rest of its row to zero) over 448, then rounded to e4m3 (3 mantissa bits)."""
+    amax = x.detach().abs().amax(-1, keepdim=True).float()
+    if bound is not None:
+        amax = amax.clamp(max=bound)
+    scale = amax.clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T with W in float8 e4m3 and one scale per output row, and x quantized the same way per
+    token at every call (dynamic scales); the product in float8 with fp32 accumulation
+    (torch._scaled_mm), returned in x's dtype. Loading a float weight quantizes it on the way in."""
+
+    def __init__(self, weight, scale):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("scale", scale)
+        self.register_load_state_dict_pre_hook(self._quantize_on_load)
+
+    @classmethod
+    def quantized(cls, float_weight):
+        return cls(*fp8_rows(float_weight))
+
+    @staticmethod
+    def _quantize_on_load(module, state_dict, prefix, *_):
+        w = state_dict.get(prefix + "weight")
+        if w is not None and w.dtype != torch.float8_e4m3fn:
+            state_dict[prefix + "weight"], state_dict[prefix + "scale"] = fp8_rows(w)
+
+    def forward(self, x):
+        rows, scale = fp8_rows(x.reshape(-1, x.shape[-1]), ACTIVATION_BOUND)
+        y = torch._scaled_mm(rows, self.weight.t(), scale_a=scale, scale_b=self.scale.t(), out_dtype=torch.bfloat16)
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+
 def chosen_layers(model, layers="all", keep_ends=False):
     """Names of the linear layers `quantize` converts (see the module docstring for the options)."""
     if layers not in LAYERS:
@@ -145,18 +193,22 @@ def chosen_layers(model, layers="all", keep_ends=False):
 
 
 def quantize(model, kind="int8", layers="all", keep_ends=False):
-    """Convert a Transformer's linear layers to row-wise int8 in place and return it; works on a
-    model built on the meta device too (then each layer quantizes the weight it is loaded with).
-    With tied embeddings (Llama 3.2) a quantized output layer takes the embedding with it: both
-    read one int8 table. kind: "int8", or "none" to leave the model as it is."""
+    """Convert a Transformer's linear layers to row-wise int8 (or fp8) in place and return it; works
+    on a model built on the meta device too (then each layer quantizes the weight it is loaded with).
+    With tied embeddings (Llama 3.2) a quantized int8 output layer takes the embedding with it: both
+    read one int8 table; fp8 leaves the output layer as it is. kind: "int8", "fp8", or "none" to
+    leave the model as it is."""
     if kind not in KINDS:
         raise ValueError(f"kind is one of {', '.join(KINDS)}, not {kind!r}")
     if kind == "none":
         return model
+    layer = {"int8": Int8Linear, "fp8": Fp8Linear}[kind]
     for name in chosen_layers(model, layers, keep_ends):
+        if kind == "fp8" and name == "output":
+            continue  # its float8 product would need the embedding table in float8 too
         parent, _, child = name.rpartition(".")
         linear = model.get_submodule(name)
-        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear.quantized(linear.weight))
+        setattr(model.get_submodule(parent) if parent else model, child, layer.quantized(linear.weight))
     if model.args.tie_word_embeddings and isinstance(model.output, Int8Linear):
         model.tok_embeddings = Int8Embedding(model.output.weight.data, model.output.scale)
         model.tie_weights()
@@ -164,7 +216,7 @@ def quantize(model, kind="int8", layers="all", keep_ends=False):
 
 
 def is_quantized(model):
-    return any(isinstance(m, Int8Rows) for m in model.modules())
+    return any(isinstance(m, (Int8Rows, Fp8Linear)) for m in model.modules())
 
 
 def from_pretrained(path, kind="int8", device="cpu", dtype=torch.float32, layers="all", keep_ends=False):

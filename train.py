@@ -25,6 +25,8 @@ import functools
 import json
 import math
 import os
+import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -399,7 +401,8 @@ def start_log(cfg, ctx, step):
         clear_run_dir(cfg.out_dir)
     elif os.path.isfile(path):
         with open(path) as f:  # a run killed mid-write leaves a partial last line: dropped with the rest
-            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+            rows = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step
+                    and json.loads(line)["kind"] != "end"]  # the stopped run's end is not this run's
         write_atomic(path, rows)
     return open(path, "a")
 
@@ -408,6 +411,15 @@ def write_row(log, row):
     if log is not None:
         log.write(json.dumps(row) + "\n")
         log.flush()
+
+
+def peak_memory(device):
+    """The most memory this process has held: on CUDA what PyTorch allocated on the device, elsewhere
+    the process's peak resident memory (Linux and macOS report it in different units)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def run_name(out_dir):
@@ -524,7 +536,9 @@ def train(cfg, loss_fn=None, setup_hook=None, data_hook=None):
         # ---- summary -------------------------------------------------------------------------
         tokens = (step - start_step) * cfg.batch_size * data.seq_len
         summary = {"step": step, "total_steps": total_steps, "train_loss": stats.get("loss"), **(val or {}),
-                   "tokens_per_s": tokens / train_time if tokens else None, "out_dir": cfg.out_dir}
+                   "tokens_per_s": tokens / train_time if tokens else None, "out_dir": cfg.out_dir,
+                   "peak_memory_bytes": peak_memory(ctx.device)}
+        write_row(log, {"kind": "end", **summary})
         if ctx.is_main and tokens:
             print(f"steps {start_step} -> {step} of {total_steps}: {tokens:,} tokens in {train_time:.1f} s "
                   f"({summary['tokens_per_s']:,.0f} tokens/s); train loss {stats['loss']:.4f}, val loss "

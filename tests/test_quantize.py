@@ -211,3 +211,49 @@ def test_loading_int8_holds_the_int8_model_and_about_one_checkpoint_tensor(tmp_p
     assert measured["held"] < fp32_bytes / 3.5  # int8 weights, fp32 norms and scales
     bound = measured["held"] + largest * (2 + 4) + 2 * 4 * quantize.CHUNK_ELEMENTS + (8 << 20)
     assert measured["grew"] <= bound < 0.6 * fp32_bytes
+
+
+# --- row-wise FP8 (the Llama 3 paper's serving format) -----------------------------------------------
+
+def test_fp8_rows_keep_every_value_within_e4m3_rounding_of_its_row_scale():
+    w = rows_of_different_sizes()
+    q, scale = quantize.fp8_rows(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (w.shape[0], 1)
+    back = q.float() * scale
+    # e4m3 keeps 3 mantissa bits: a relative error of at most 2^-4 for normal numbers, and an
+    # absolute one of at most half its smallest step, 2^-10 of the scale, below them
+    assert ((back - w.float()).abs() <= torch.maximum(w.float().abs() * 2**-4, scale * 2**-10)).all()
+    largest = q.float().abs().amax(1)
+    assert largest[5] == 0 and torch.equal(largest[w.abs().amax(1) > 0], torch.full((w.shape[0] - 1,), 448.0))
+
+
+def test_an_activation_outlier_saturates_at_the_bound_instead_of_flattening_its_row():
+    x = torch.tensor([[0.01, -0.02, 0.03, 5000.0]])
+    q, scale = quantize.fp8_rows(x, quantize.ACTIVATION_BOUND)
+    back = (q.float() * scale)[0]
+    assert scale.item() == pytest.approx(1200 / 448) and back[3] == pytest.approx(1200)
+    unbounded = (lambda q, s: (q.float() * s)[0])(*quantize.fp8_rows(x))
+    # Without the bound the outlier sets the scale: the smallest value vanishes, the others lose precision.
+    assert unbounded[0] == 0 and ((back[:3] - x[0, :3]).abs() < (unbounded[:3] - x[0, :3]).abs()).all()
+
+
+def test_fp8_linear_equals_the_dequantized_product():
+    w = torch.randn(48, 80, generator=torch.Generator().manual_seed(0)) * 0.1
+    layer = quantize.Fp8Linear.quantized(w)
+    x = torch.randn(3, 5, 80, generator=torch.Generator().manual_seed(1))
+    xq, xs = quantize.fp8_rows(x.reshape(-1, 80), quantize.ACTIVATION_BOUND)
+    expected = ((xq.float() * xs) @ (layer.weight.float() * layer.scale).t()).to(torch.bfloat16).float()
+    torch.testing.assert_close(layer(x).reshape(-1, 48), expected, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(layer(x), x @ w.t(), rtol=0.1, atol=0.1)  # near the float product
+
+
+def test_the_papers_fp8_choice_quantizes_the_middle_blocks_feed_forward_only(tmp_path):
+    m = unit_gain_model(tied=False)
+    q = quantize.quantized_copy(m, "fp8", layers="ffn", keep_ends=True)
+    fp8 = sorted(name for name, mod in q.named_modules() if isinstance(mod, quantize.Fp8Linear))
+    last = m.args.n_layers - 1
+    assert fp8 == sorted(f"layers.{i}.feed_forward.{w}" for i in range(1, last) for w in ("w1", "w2", "w3"))
+    assert isinstance(q.output, nn.Linear) and quantize.is_quantized(q)
+    tokens = torch.randint(0, m.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (q(tokens) - m(tokens)).abs().max() < 0.05 * m(tokens).abs().max()

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: FORCE setup test notebooks reproduce robustness study sweep-temperature filter bench clean-reproduce
+.PHONY: FORCE setup test notebooks gpu-check reproduce robustness study sweep-temperature filter bench clean-reproduce
 
 # ---- environment -----------------------------------------------------------------------------
 # The virtual environment, rebuilt when the requirements change.
@@ -190,3 +190,7 @@ clean-reproduce:
 
 bench: setup
 	$(PY) bench.py
+
+# On a CUDA machine: every GPU path checked and measured in one run (gpu_check.py; out/gpu_check/results.md).
+gpu-check: setup
+	$(PY) gpu_check.py

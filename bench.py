@@ -70,6 +70,8 @@ class BenchConfig:
     mem_batch_size: int = setting(32, "memorization: examples per batch", positive)
     teacher_scale: int = setting(2, "distillation: the teacher is this many times wider (dim, heads, FFN)",
                                  positive)
+    teacher_model: str = setting("", "distillation: the teacher's named shape instead (its vocabulary must be the "
+                                     "student's)", one_of("", *CONFIGS))
     sections: str = setting("training,generation,memorization,distillation", "which figures, comma-separated")
     compile: bool = setting(False, "training step: torch.compile each block, as train.py --compile does")
     skip_hf: bool = setting(False, "do not run transformers next to this project")
@@ -139,7 +141,15 @@ def build_model(args, seed, device):
     return model.to(device)
 
 
-def teacher_args(args, scale):
+def teacher_args(args, cfg):
+    """The distillation teacher's shape: --teacher_model's, or the student's --teacher_scale times wider."""
+    if cfg.teacher_model:
+        teacher = model_args(dataclasses.replace(cfg, model=cfg.teacher_model))
+        if teacher.vocab_size != args.vocab_size:
+            raise UserError(f"--teacher_model={cfg.teacher_model} has {teacher.vocab_size} vocabulary entries and the "
+                            f"student {args.vocab_size}; pick shapes with one vocabulary")
+        return teacher
+    scale = cfg.teacher_scale
     return dataclasses.replace(args, dim=args.dim * scale, n_heads=args.n_heads * scale,
                                n_kv_heads=args.n_kv_heads * scale, ffn_hidden_dim=args.hidden_dim * scale)
 
@@ -306,7 +316,7 @@ def bench_memorization(cfg, args, device, model, hf):
 
 
 def bench_distillation(cfg, args, device, dtype):
-    targs = teacher_args(args, cfg.teacher_scale)
+    targs = teacher_args(args, cfg)
     section(f"distillation step: forward KL at T = 2 (distill.py), teacher {targs.dim} wide, "
             f"batch {cfg.batch_size} x {cfg.seq_len}, {name_of(dtype)}")
     ctx = Context(device, dtype)
@@ -394,7 +404,7 @@ def memory_of_step(kind, cfg, device, dtype):
     batch = batch_of(args, cfg, device, torch.Generator().manual_seed(cfg.seed))
     loss_fn = cross_entropy_loss
     if kind == "distillation":
-        teacher = build_model(teacher_args(args, cfg.teacher_scale), cfg.seed + 1, device).eval().requires_grad_(False)
+        teacher = build_model(teacher_args(args, cfg), cfg.seed + 1, device).eval().requires_grad_(False)
         loss_fn = make_soft_loss(teacher, DistillConfig())
     train_step(student, optimizer, batch, loss_fn, ctx)  # creates AdamW's state, loads the kernels
     if device.type == "cuda":

@@ -94,6 +94,10 @@ def distillation_loss(hidden, weight, teacher_hidden, teacher_weight, targets, o
     teacher's teacher_hidden @ teacher_weight.T. Both are formed chunk by chunk in fp32, with the
     student's gradient, by train.py's ChunkedOutputLoss: no full (tokens, vocab) tensor is ever alive."""
 
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):  # the teacher's output layer cast once, not once per chunk
+        teacher_weight = teacher_weight.to(torch.get_autocast_dtype(device))
+
     def chunk_loss(logits, rows):
         with torch.no_grad():
             teacher_logits = F.linear(teacher_hidden[rows], teacher_weight).float()

@@ -94,6 +94,13 @@ def student_key(name):
     return name.removeprefix("student_") or name
 
 
+def base_of(name, names):
+    """The base a model of the family was fine-tuned from, when the family includes it: base_teacher
+    for the teacher, base_student for the baselines and students (make reproduce's names); else None."""
+    base = "base_teacher" if name == "teacher" else "base_student" if role_of(name) in ("baseline", "student") else None
+    return base if base in names else None
+
+
 def family_roles(names):
     """(teacher or None, [baselines], [students]) in the order given."""
     return ("teacher" if "teacher" in names else None,
@@ -153,15 +160,18 @@ def position_chunks(B, T, V):
 
 
 @torch.no_grad()
-def token_logprobs(model, tokens):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) in fp32, (B, T-1), without all logits at once."""
+def token_logprobs(model, tokens, with_argmax=False):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) in fp32, (B, T-1), without all logits at once; with
+    with_argmax, also whether each next token is the model's most likely one (B, T-1) bool."""
     hidden = model(tokens[:, :-1], return_hidden=True)
     targets = tokens[:, 1:]
     out = torch.empty(targets.shape, device=tokens.device)
+    right = torch.empty(targets.shape, dtype=torch.bool, device=tokens.device)
     for s in position_chunks(*targets.shape, model.args.vocab_size):
         lp = model.output(hidden[:, s]).float().log_softmax(-1)
         out[:, s] = lp.gather(-1, targets[:, s, None]).squeeze(-1)
-    return out
+        right[:, s] = lp.argmax(-1) == targets[:, s]
+    return (out, right) if with_argmax else out
 
 
 class MemorizationTracker:
@@ -256,8 +266,16 @@ def example_features(models, batch, prefix_len, suffix_len, min_k_percent=20.0, 
 def zlib_entropy(tokenizer, rows):
     """Bytes of zlib.compress (default level) of the UTF-8 text decoded from each row without its
     BOS: the whole example, row[1:]. Carlini et al. 2021 use it as a measure of how much a text
-    really says; repetitive text compresses well and is easy to memorize."""
+    really says; repetitive text compresses well and is easy to memorize. The paper's feature."""
     return np.array([len(zlib.compress(tokenizer.decode(r[1:]).encode("utf-8"))) for r in rows], dtype=np.float64)
+
+
+def zlib_ratio(tokenizer, rows):
+    """zlib's compressed bytes over the text's own bytes, per row (without BOS). On short examples
+    raw zlib bytes mostly measure how long the text is (33 tokens of verse barely compress); the
+    ratio measures how repetitive it is, whatever its length."""
+    texts = [tokenizer.decode(r[1:]).encode("utf-8") for r in rows]
+    return np.array([len(zlib.compress(t)) / max(len(t), 1) for t in texts], dtype=np.float64)
 
 
 @torch.no_grad()
@@ -297,6 +315,7 @@ def measure_examples(models, rows, prefix_len, suffix_len, batch_size=32, genera
         cols = {"index": index[i:j]}
         if tokenizer is not None:
             cols["zlib_entropy"] = zlib_entropy(tokenizer, rows_np)
+            cols["zlib_ratio"] = zlib_ratio(tokenizer, rows_np)
         cols.update(example_features(models, batch, prefix_len, suffix_len, min_k_percent, teacher, baselines))
         prompts, truth = batch[:, :prompt], batch[:, prompt:prompt + suffix_len]
         for n, m in models.items():
@@ -320,27 +339,31 @@ def measure_examples(models, rows, prefix_len, suffix_len, batch_size=32, genera
 
 @torch.no_grad()
 def val_nll(model, rows, batch_size, rank=0, world=1):
-    """(sum of token negative log-likelihoods, token count) over this rank's share of rows."""
+    """(sum of token negative log-likelihoods, tokens predicted right by the argmax, token count) over
+    this rank's share of rows."""
     device = model.tok_embeddings.weight.device
     lo, hi = shard_range(len(rows), rank, world)
-    total, count = 0.0, 0
+    total, right, count = 0.0, 0, 0
     for i in range(lo, hi, batch_size):
         batch = torch.from_numpy(np.asarray(rows[i:min(i + batch_size, hi)], dtype=np.int64)).to(device)
-        lp = token_logprobs(model, batch)
-        total, count = total - lp.double().sum().item(), count + lp.numel()
-    return total, count
+        lp, correct = token_logprobs(model, batch, with_argmax=True)
+        total, right, count = total - lp.double().sum().item(), right + int(correct.sum()), count + lp.numel()
+    return total, right, count
 
 
-def validation_perplexity(cfg, info, model, rank, world):
-    """Token-level perplexity of the val split's examples (None without a val split)."""
+def validation_scores(cfg, info, model, rank, world):
+    """On the val split's examples (held-out text): token-level perplexity, and the share of tokens
+    the model's most likely prediction gets right. The second is a measure of use in the spirit of
+    the paper's downstream tasks (LAMBADA's last-word accuracy): it does not punish a model for being
+    overconfident, which perplexity does. Both None without a val split."""
     if not info["splits"].get("val", {}).get("tokens"):
-        return None
+        return {"val_ppl": None, "val_accuracy": None}
     rows = open_split(cfg.data, "val")[:cfg.val_examples]
     sums = gather(val_nll(model, rows, cfg.batch_size, rank, world), world)
-    if sums is None:
-        return None
-    total, count = sum(s[0] for s in sums), sum(s[1] for s in sums)
-    return math.exp(total / count) if count else None
+    if sums is None:  # not rank 0: the numbers are gathered there
+        return {"val_ppl": None, "val_accuracy": None}
+    total, right, count = (sum(s[i] for s in sums) for i in range(3))
+    return {"val_ppl": math.exp(total / count) if count else None, "val_accuracy": right / count if count else None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,22 +396,35 @@ def compare_family(memorized):
     return out
 
 
+def beyond_base(cols, name, names):
+    """Which examples a model memorizes that its own base does not (all it memorizes, without a base)."""
+    base = base_of(name, names)
+    return cols[f"{name}.memorized"] & ~cols[f"{base}.memorized"] if base else cols[f"{name}.memorized"]
+
+
 def natural_family(cfg, cols, names):
-    """The family's comparisons and classifiers on the examples that appear once in the data."""
+    """The family's comparisons and classifiers on the examples that appear once in the data, each
+    fine-tuned model's memorization counted beyond its base's: what fine-tuning on D made it
+    reproduce, not what pretraining already had (the bases see no example of D, but a predictable
+    text can be reproduced without having been seen)."""
     natural = cols["copies"] == 1
     sub = {c: v[natural] for c, v in cols.items()}
+    for n in names:
+        sub[f"{n}.memorized"] = beyond_base(cols, n, names)[natural]
     family = compare_family({n: sub[f"{n}.memorized"] for n in names})
-    return {"n_examples": int(natural.sum()), **family, **classifiers(cfg, sub, names)}
+    return {"n_examples": int(natural.sum()), "memorized_counts": "beyond the base", **family,
+            **classifiers(cfg, sub, names)}
 
 
 # ----------------------------------------------------------------------------------------------
 # Predicting memorization before distillation (the logistic regression is classifier.py's)
 
 
-def classifier_features(cols, baseline):
-    """The pre-distillation features, (N, 4): zlib entropy, teacher and baseline log-perplexity
-    (log, not raw perplexity: perplexities are heavy-tailed), and KL(teacher || baseline)."""
-    return np.stack([cols["zlib_entropy"], cols["teacher.log_ppl"], cols[f"{baseline}.log_ppl"],
+def classifier_features(cols, baseline, zlib="zlib_entropy"):
+    """The pre-distillation features, (N, 4): zlib entropy (the paper's raw compressed bytes, or with
+    zlib="zlib_ratio" the compression ratio), teacher and baseline log-perplexity (log, not raw
+    perplexity: perplexities are heavy-tailed), and KL(teacher || baseline)."""
+    return np.stack([cols[zlib], cols["teacher.log_ppl"], cols[f"{baseline}.log_ppl"],
                      cols[f"kl_teacher_{baseline}"]], axis=1).astype(np.float64)
 
 
@@ -400,11 +436,15 @@ def classifiers(cfg, cols, names):
         return {"classifier": {"status": "skipped: needs a teacher, a baseline and a student", "student": None,
                                **dict.fromkeys(["auc_mean", "auc_std", "recall_mean", "recall_std", "precision_mean",
                                                 "precision_std", "coefficients"])}}
-    X = classifier_features(cols, baselines[0])
-    out = {"classifiers": {s: {"student": s, "baseline": baselines[0], **classifier_trials(
-        X, cols[f"{s}.memorized"], FEATURES, cfg.classifier_trials, cfg.classifier_neg_ratio,
-        cfg.classifier_test_fraction, cfg.classifier_min_positives, cfg.seed)} for s in students}}
-    out["classifier"] = out["classifiers"][cfg.classifier_student or students[0]]
+    def trials(student, zlib):
+        return {"student": student, "baseline": baselines[0], **classifier_trials(
+            classifier_features(cols, baselines[0], zlib), cols[f"{student}.memorized"],
+            (zlib,) + FEATURES[1:], cfg.classifier_trials, cfg.classifier_neg_ratio, cfg.classifier_test_fraction,
+            cfg.classifier_min_positives, cfg.seed)}
+    chosen = cfg.classifier_student or students[0]
+    out = {"classifiers": {s: trials(s, "zlib_entropy") for s in students}}
+    out["classifier"] = out["classifiers"][chosen]
+    out["classifier_zlib_ratio"] = trials(chosen, "zlib_ratio")  # the same, with the compression ratio
     return out
 
 
@@ -482,7 +522,7 @@ def measure_family(cfg, models, paths, info, rows, tokenizer, ctx):
                             cfg.sample_tries, cfg.sample_top_k, cfg.min_k_percent, tokenizer, cfg.seed, ctx.rank,
                             ctx.world_size, index=first)
     cols = gather_columns(cols, ctx.world_size)
-    val_ppl = {n: validation_perplexity(cfg, info, m, ctx.rank, ctx.world_size) for n, m in models.items()}
+    val = {n: validation_scores(cfg, info, m, ctx.rank, ctx.world_size) for n, m in models.items()}
     if not ctx.is_main:
         return None
     cols = {"index": cols.pop("index"), "copies": copies, **cols}
@@ -492,9 +532,12 @@ def measure_family(cfg, models, paths, info, rows, tokenizer, ctx):
     summary = {"data": cfg.data, "split": cfg.split, "n_examples": len(cols["index"]), "n_rows": len(rows),
                "copies": {str(c): int((copies == c).sum()) for c in np.unique(copies)},
                "prefix_len": cfg.prefix_len, "suffix_len": cfg.suffix_len, "example_len": info["example_len"],
-               "models": {n: {"role": role_of(n), "path": paths[n], "params": m.num_params(), "val_ppl": val_ppl[n],
-                              **family["models"][n], **model_means(n, cols, cfg.suffix_len)}
+               "models": {n: {"role": role_of(n), "path": paths[n], "params": m.num_params(), **val[n],
+                              "base": base_of(n, names), **family["models"][n], **model_means(n, cols, cfg.suffix_len)}
                           for n, m in models.items()}}
+    for n in names:  # what fine-tuning added: examples memorized that the model's own base does not reproduce
+        if base_of(n, names):
+            summary["models"][n]["memorized_beyond_base"] = int(beyond_base(cols, n, names).sum())
     summary.update({k: v for k, v in family.items() if k != "models"})
     summary.update(classify_and_filter(cfg, info, cols, names, group))
     if (copies > 1).any():  # planted repeats: the family again on the natural (unrepeated) examples alone
@@ -544,7 +587,7 @@ def per_example_lines(cols, names, block=10_000):
 def print_summary(summary, out):
     for n, m in summary["models"].items():
         print(f"{n:>16}: memorized {m['memorized']:,} of {summary['n_examples']:,} ({100 * m['memorization_rate']:.2f}%), "
-              f"val ppl {fmt(m['val_ppl'])}")
+              f"val ppl {fmt(m['val_ppl'])}, val accuracy {fmt(m['val_accuracy'])}")
     if "easy" in summary:
         print(f"easy {summary['easy']['count']:,}, teacher-specific {summary['teacher_specific']['count']:,}")
     c = summary["classifier"]

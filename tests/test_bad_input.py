@@ -158,7 +158,7 @@ CASES = [
     ("prepare-zero-max-tokens", "prepare", ["--max_tokens=0"], "--max_tokens must be at least 1"),
     ("prepare-unknown-layout", "prepare", ["--layout=rows"], "--layout must be one of packed, examples"),
     ("memorize-zero-suffix", "memorize", MEMORIZE + ["--suffix_len=0"], "--suffix_len must be at least 1"),
-    ("extract-unknown-quantize", "extract", EXTRACT + ["--quantize=fp8"], "--quantize must be one of none, int8, not 'fp8'"),
+    ("extract-unknown-quantize", "extract", EXTRACT + ["--quantize=int4"], "--quantize must be one of none, int8, fp8, not 'int4'"),
     ("extract-zero-window", "extract", EXTRACT + ["--window=0"], "--window must be at least 1"),
     ("extract-unknown-reference", "extract", EXTRACT + ["--reference=baseline"], "--reference=baseline is not one of"),
     ("memorize-test-fraction-one", "memorize", MEMORIZE + ["--classifier_test_fraction=1"],
@@ -167,7 +167,7 @@ CASES = [
     ("sample-fp16", "sample", SAMPLE + ["--dtype=fp16"], "--dtype must be one of fp32, bf16, not 'fp16'"),
     ("sample-zero-top-p", "sample", SAMPLE + ["--top_p=0"], "--top_p must be above 0 and at most 1"),
     ("sample-negative-temperature", "sample", SAMPLE + ["--temperature=-1"], "--temperature must be at least 0"),
-    ("sample-unknown-quantize", "sample", SAMPLE + ["--quantize=int4"], "--quantize must be one of none, int8, not 'int4'"),
+    ("sample-unknown-quantize", "sample", SAMPLE + ["--quantize=int4"], "--quantize must be one of none, int8, fp8, not 'int4'"),
     ("sample-missing-prompt-file", "sample", SAMPLE + ["--prompt_file={out}/prompt.txt"], "out/prompt.txt"),
     ("report-negative-start", "report", ["--out={out}", "--started_at=-1"], "--started_at must be at least 0"),
     ("bench-zero-repeats", "bench", ["--repeats=0"], "--repeats must be at least 1"),
@@ -256,7 +256,7 @@ def test_report_shows_a_dash_for_a_model_without_validation_perplexity(tmp_path,
     (tmp_path / "memorization" / "summary.json").write_text(json.dumps(summary))
     report.main([f"--out={tmp_path}"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| student_soft")]
-    assert rows == ["| student_soft | 1.00M | 1 | 10.00% | - | - | - |"]
+    assert rows == ["| student_soft | 1.00M | 1 | - | 10.00% | - | - | - | - |"]
 
 
 @pytest.mark.parametrize("script, args", [("sample", SAMPLE), ("distill", DISTILL), ("memorize", MEMORIZE),

@@ -145,6 +145,15 @@ def test_zlib_entropy_is_the_compressed_size_of_the_example_text(world):
     assert got[0] < len(texts[0]) / 3  # repetitive text compresses well
 
 
+def test_zlib_ratio_is_compressed_over_raw_bytes_and_ranks_repetition_not_length(world):
+    tok = world["tok"]
+    texts = ["the cat sat on the mat " * 6, "Quartz glyph jocks vex, dwarf nymph; big fox whelps."]
+    rows = [np.array(tok.encode(t, bos=True)) for t in texts]
+    ratios = [mem.zlib_ratio(tok, [r])[0] for r in rows]
+    assert ratios == [len(zlib.compress(t.encode())) / len(t.encode()) for t in texts]
+    assert ratios[0] < 0.3 < 1 < ratios[1]  # a short varied text does not compress at all: zlib adds its header
+
+
 # --- family comparison ----------------------------------------------------------------------------
 
 def test_family_comparison_counts_on_a_hand_made_set():
@@ -269,6 +278,26 @@ def test_repeated_examples_are_measured_once_and_the_natural_ones_also_alone(wor
     assert s["by_copies"]["3"] == {"examples": 1, "teacher": 1, "baseline": 1, "student_soft": 1, "student_hard": 0}
     # A threshold of 0 flags every example: the filtered data keeps none of the rows, copies included.
     assert s["filter"]["at_risk"] == N_TRAIN + 3 and s["filter"]["kept"] == 0
+
+
+def test_memorization_beyond_the_base_and_held_out_accuracy(world, tmp_path):
+    # A "base" of the students that memorized rows 0-2 already (the baseline itself stands in for it):
+    # what a student memorizes beyond it is what fine-tuning added.
+    names = ("base_student", "teacher", "baseline", "student_soft", "student_hard")
+    paths = {**world["paths"], "base_student": world["paths"]["baseline"]}
+    s = mem.main([f"--data={world['data']}", "--models=" + ",".join(f"{n}:{paths[n]}" for n in names),
+                  f"--out={tmp_path}", f"--prefix_len={P}", f"--suffix_len={S}", "--classifier_min_positives=1",
+                  "--classifier_trials=3", "--figures=false"])
+    m = s["models"]
+    assert m["baseline"]["base"] == "base_student" and m["teacher"]["base"] is None
+    assert m["baseline"]["memorized_beyond_base"] == 0 and m["student_soft"]["memorized_beyond_base"] == 0
+    assert m["student_hard"]["memorized_beyond_base"] == 1  # row 3; row 0 the base has already
+    assert "memorized_beyond_base" not in m["teacher"]  # its base is not in the family
+    with torch.no_grad():
+        x = torch.from_numpy(world["val"].astype(np.int64))
+        right = (world["models"]["teacher"](x[:, :-1]).argmax(-1) == x[:, 1:]).float().mean().item()
+    assert m["teacher"]["val_accuracy"] == pytest.approx(right)
+    assert s["classifier_zlib_ratio"]["features"][0] == "zlib_ratio"
 
 
 def test_one_model_alone_is_measured(world, tmp_path):

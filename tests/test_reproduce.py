@@ -143,7 +143,7 @@ def test_regime_conditions_are_the_issues_thresholds():
               "student_soft": {"memorized": 30, "memorization_rate": 0.3, "val_ppl": 200.0}}
     met = {r["condition"]: r["met"] for r in report.regime({"models": models, "n_examples": 100})}
     assert all(v for k, v in met.items() if "perplexity" not in k)
-    assert not met["every fine-tuned model's validation perplexity stays below 2x its base's"]  # 250 > 2 x 120
+    assert not met["the teacher's, the baselines' and the soft student's validation perplexity stays below 2x their base's"]  # 250 > 2 x 120
     models["teacher"].update(memorized=91, memorization_rate=0.91)
     models["student_soft"].update(memorized=29)
     met = {r["condition"]: r["met"] for r in report.regime({"models": models, "n_examples": 100})}
@@ -168,12 +168,16 @@ def test_each_regime_condition_can_fail_alone():
              "the soft student's classifier has at least 30 positives": {"student_soft": {"memorized": 29}},
              "the teacher does not reproduce all of D, so the hard student's data differs from D":
                  {"teacher": {"memorized": 100}},
-             "every fine-tuned model's validation perplexity stays below 2x its base's": {"teacher": {"val_ppl": 200.0}}}
+             "the teacher's, the baselines' and the soft student's validation perplexity stays below 2x their base's": {"teacher": {"val_ppl": 200.0}}}
     for condition, change in cases.items():
         m = models()
         for name, values in change.items():
             m[name].update(values)
         assert failing(m) == [condition], condition
+    # The hard student is judged by its use on held-out text, not by perplexity (the paper: downstream tasks).
+    hard = models()
+    hard["student_hard"] = {"memorized": 30, "memorization_rate": 0.3, "val_ppl": 400.0}
+    assert failing(hard) == []
 
 
 def test_every_preset_file_parses_with_its_scripts_settings():

@@ -121,6 +121,7 @@ meaning = {
     "hard_over_soft": "training on the teacher's own words (hard) passes on more teacher-specific examples",
     "auc": "the classifier above, on the soft student",
     "zlib": "compressible text (low zlib entropy) is at more risk: a negative coefficient",
+    "zlib_ratio": "the same with compressed / raw bytes, which does not grow with the text's length",
 }
 for f in s["findings"]:
     verdict = {True: "same direction as the paper", False: "NOT the paper's direction", None: "cannot tell"}[f["reproduced"]]

@@ -189,3 +189,13 @@ def test_top_p_keeps_only_the_nucleus():
     assert picks == {0, 1}  # 0.5 alone is under 0.7; 0.5 + 0.3 covers it
     picks = {int(sample(logits, 1.0, top_k=3, generator=g)) for _ in range(300)}
     assert picks == {0, 1, 2}
+
+
+def test_bf16_attention_with_wide_heads_on_a_cpu_gives_the_formulas_result():
+    # head_dim 128 under bf16: on a CPU with AMX tiles the kernel runs in bf16 (faster there), on
+    # others in fp32; either way the result is the formula's, within bf16 rounding.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 24, 128, generator=g) for h in (8, 2, 2))
+    got = model.fused_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    expected = model.attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float())
+    assert got.dtype == torch.bfloat16 and (got.float() - expected).abs().max() < 2e-2

@@ -27,6 +27,7 @@ after every part, with the device, torch's version, each part's commands and wal
 downloaded: every dataset is made on the spot.
 """
 
+import base64
 import dataclasses
 import json
 import os
@@ -163,7 +164,6 @@ class StaticDecoder:
 def write_vocabulary(path, size):
     """A tiktoken file of size - 256 ranks (the 256 bytes, then two-byte tokens), so that models get
     the presets' vocabulary (32,768) without a corpus to learn it from."""
-    import base64
     pieces = [bytes([i]) for i in range(256)] + [bytes([i // 256, i % 256]) for i in range(size - 512)]
     with open(path, "w") as f:
         f.writelines(f"{base64.b64encode(p).decode()} {rank}\n" for rank, p in enumerate(pieces))

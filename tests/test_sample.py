@@ -67,7 +67,7 @@ def test_quantize_int8_streams_the_int8_models_greedy_tokens(ckpt, capsys):
     # last token after which the decoded text is whole.
     whole = next(tok.decode(new[:j]) for j in range(len(new), -1, -1) if not tok.decode(new[:j]).endswith("\ufffd"))
     assert out == "To be" + whole + "\n"
-    with pytest.raises(UserError, match="--quantize must be one of none, int8, not .int4."):
+    with pytest.raises(UserError, match="--quantize must be one of none, int8, fp8, not .int4."):
         sample.main([f"--ckpt={path}", "--quantize=int4"])
 
 

@@ -70,9 +70,11 @@ def quantize_rows(w):
     return q, scale
 
 
-class Int8Rows(nn.Module):
-    """An int8 weight (N, K) and one scale per row (N,). Loading a float `weight` into it (as
-    model.load_weights does, or load_state_dict) quantizes it on the way in."""
+class QuantizedRows(nn.Module):
+    """A weight (N, K) stored in a low-precision dtype with one scale per row, as `quantize_rows`
+    (int8) or `fp8_rows` makes them. Loading a float `weight` into it (as model.load_weights does,
+    or load_state_dict) quantizes it on the way in."""
+    stored = None  # the weight's dtype once quantized
 
     def __init__(self, weight, scale):
         super().__init__()
@@ -80,15 +82,26 @@ class Int8Rows(nn.Module):
         self.register_buffer("scale", scale)
         self.register_load_state_dict_pre_hook(self._quantize_on_load)
 
+    @staticmethod
+    def rows(w):
+        """(q, scale) of a float matrix w."""
+        raise NotImplementedError
+
     @classmethod
     def quantized(cls, float_weight):
-        return cls(*quantize_rows(float_weight.detach()))
+        return cls(*cls.rows(float_weight.detach()))
 
     @staticmethod
     def _quantize_on_load(module, state_dict, prefix, *_):
         w = state_dict.get(prefix + "weight")
-        if w is not None and w.is_floating_point():
-            state_dict[prefix + "weight"], state_dict[prefix + "scale"] = quantize_rows(w)
+        if w is not None and w.dtype != module.stored:
+            state_dict[prefix + "weight"], state_dict[prefix + "scale"] = module.rows(w)
+
+
+class Int8Rows(QuantizedRows):
+    """An int8 weight (N, K) and one scale per row (N,), in the model's dtype."""
+    stored = torch.int8
+    rows = staticmethod(quantize_rows)
 
     def dequantized(self):
         return self.weight.to(self.scale.dtype) * self.scale[:, None]
@@ -146,26 +159,12 @@ def fp8_rows(x, bound=None):
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(QuantizedRows):
     """y = x W^T with W in float8 e4m3 and one scale per output row, and x quantized the same way per
     token at every call (dynamic scales); the product in float8 with fp32 accumulation
-    (torch._scaled_mm), returned in x's dtype. Loading a float weight quantizes it on the way in."""
-
-    def __init__(self, weight, scale):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.register_buffer("scale", scale)
-        self.register_load_state_dict_pre_hook(self._quantize_on_load)
-
-    @classmethod
-    def quantized(cls, float_weight):
-        return cls(*fp8_rows(float_weight))
-
-    @staticmethod
-    def _quantize_on_load(module, state_dict, prefix, *_):
-        w = state_dict.get(prefix + "weight")
-        if w is not None and w.dtype != torch.float8_e4m3fn:
-            state_dict[prefix + "weight"], state_dict[prefix + "scale"] = fp8_rows(w)
+    (torch._scaled_mm), returned in x's dtype."""
+    stored = torch.float8_e4m3fn
+    rows = staticmethod(fp8_rows)
 
     def forward(self, x):
         rows, scale = fp8_rows(x.reshape(-1, x.shape[-1]), ACTIVATION_BOUND)
@@ -216,7 +215,7 @@ def quantize(model, kind="int8", layers="all", keep_ends=False):
 
 
 def is_quantized(model):
-    return any(isinstance(m, (Int8Rows, Fp8Linear)) for m in model.modules())
+    return any(isinstance(m, QuantizedRows) for m in model.modules())
 
 
 def from_pretrained(path, kind="int8", device="cpu", dtype=torch.float32, layers="all", keep_ends=False):

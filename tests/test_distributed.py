@@ -2,6 +2,7 @@
 one-process loss curve for the same global batch and seed, checkpoints move between FSDP and one
 process, and a frozen model joins the loss under both (the way distill.py uses a teacher)."""
 
+import contextlib
 import json
 import os
 import runpy
@@ -211,33 +212,46 @@ def children(pid):
     return found
 
 
-def test_workers_exit_when_their_launcher_is_killed(data, tmp_path):
-    out, log = tmp_path / "out", open(tmp_path / "torchrun.log", "w")
-    cmd = torchrun_command("train.py", f"--data={data}", f"--out_dir={out}", "--batch_size=4", "--seq_len=32",
-                           "--max_steps=1000000", "--parallel=ddp")
+@contextlib.contextmanager
+def launched(cmd, log):
+    """torchrun in a session of its own (as a terminal would start it); every process it left
+    behind is killed at the end, whatever the test found."""
     launcher = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     workers = []
     try:
-        deadline = time.time() + 120
-        while not (out / "log.jsonl").exists() or "train" not in (out / "log.jsonl").read_text():
-            assert launcher.poll() is None and time.time() < deadline, open(tmp_path / "torchrun.log").read()
-            time.sleep(0.2)
-        workers = children(launcher.pid)
-        assert len(workers) == 2
-        os.kill(launcher.pid, signal.SIGKILL)
-        launcher.wait()
-        deadline = time.time() + 60
-        while any(map(alive, workers)) and time.time() < deadline:
-            time.sleep(0.5)
-        assert not any(map(alive, workers))
-        assert "the launcher" in open(tmp_path / "torchrun.log").read()
+        yield launcher, workers
     finally:
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         if launcher.poll() is None:
             launcher.kill()
+
+
+def kill_and_wait(launcher, workers, seconds):
+    """SIGKILL the launcher; True when every worker is gone within `seconds`."""
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + seconds
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.2)
+    return not any(map(alive, workers))
+
+
+def test_workers_exit_when_their_launcher_is_killed(data, tmp_path):
+    out, log = tmp_path / "out", open(tmp_path / "torchrun.log", "w")
+    cmd = torchrun_command("train.py", f"--data={data}", f"--out_dir={out}", "--batch_size=4", "--seq_len=32",
+                           "--max_steps=1000000", "--parallel=ddp")
+    with launched(cmd, log) as (launcher, workers):
+        deadline = time.time() + 120
+        while not (out / "log.jsonl").exists() or "train" not in (out / "log.jsonl").read_text():
+            assert launcher.poll() is None and time.time() < deadline, open(tmp_path / "torchrun.log").read()
+            time.sleep(0.2)
+        workers += children(launcher.pid)
+        assert len(workers) == 2
+        assert kill_and_wait(launcher, workers, 60)
+        assert "the launcher" in open(tmp_path / "torchrun.log").read()
 
 
 @pytest.mark.parametrize("after", [0.3, 1.5, 4.0])
@@ -246,28 +260,14 @@ def test_workers_exit_within_10_s_when_their_launcher_is_killed_during_start_up(
     # process group, or load the data. A worker left behind would wait in rendezvous for good.
     cmd = torchrun_command("train.py", f"--data={data}", f"--out_dir={tmp_path / 'out'}", "--batch_size=4",
                            "--seq_len=32", "--max_steps=1000000", "--parallel=ddp")
-    launcher = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    workers = []
-    try:
+    with launched(cmd, subprocess.DEVNULL) as (launcher, workers):
         deadline = time.time() + 120
         while len(workers) < 2:
             assert launcher.poll() is None and time.time() < deadline
-            workers = children(launcher.pid)
+            workers[:] = children(launcher.pid)
             time.sleep(0.05)
         time.sleep(after)
-        os.kill(launcher.pid, signal.SIGKILL)
-        launcher.wait()
-        deadline = time.time() + 10
-        while any(map(alive, workers)) and time.time() < deadline:
-            time.sleep(0.2)
-        assert not any(map(alive, workers))
-    finally:
-        for pid in workers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if launcher.poll() is None:
-            launcher.kill()
+        assert kill_and_wait(launcher, workers, 10)
 
 
 def test_batch_shares_are_whole_batches_that_cover_every_item_once():

@@ -106,6 +106,8 @@ os.makedirs(lesson.SCRATCH, exist_ok=True)
 path = os.path.join(lesson.SCRATCH, "01_tokenizer.model")
 tok = train_bpe([corpus], 256 + 60 + NUM_SPECIAL_TOKENS, path, progress=False)
 ranks = read_bpe_file(path)  # {token bytes: rank}, as tiktoken reads the file
+# (One difference, which this corpus never meets: when two different pairs spell the same bytes,
+# train_bpe gives the second the first's id instead of a new one; tiktoken needs each token once.)
 check("train_bpe learns the same 60 merges, in the same order",
       [ranks[vocab[new_id]] for _, new_id in merges] == list(range(256, 316)))
 
@@ -208,12 +210,13 @@ check.done()
 # %% [markdown]
 # ## Exercises
 #
-# 1. After how many merges does `" Romeo"` (with its space) become a single token? Find it with
-#    `learn_merges` and `encode`; check: `len(encode(" Romeo")) == 1` for that many merges and not
-#    for one fewer.
+# 1. After how many merges does `" Romeo"` (with its space) become a single token? `encode` reads
+#    the global `rank_of`: set `rank_of = {pair: i for pair, i in merges[:n]}` for each n, and check
+#    that `len(encode(" Romeo")) == 1` for that n and not for n - 1.
 # 2. Why does the regex cut numbers into pieces of at most three digits? Encode `"1234567"` and look
 #    at the pieces. Check: `regex.findall(PAT_STR, "1234567") == ["123", "456", "7"]`.
-# 3. Train a 300-rank tokenizer with `train_bpe` on a text in another language (any you like) and
+# 3. Train a tokenizer of 300 BPE ranks (`vocab_size=556`: the 256 specials come on top) with
+#    `train_bpe` on a text in another language (any you like) and
 #    compare bytes per token with the corpus above. Check: `len(text.encode()) / len(tok.encode(text))`
 #    is larger on the text the tokenizer was trained on.
 #

@@ -87,9 +87,10 @@ theirs = model.apply_rope(q[None, :, None, :], rotation)[0, :, 0]  # model.py: (
 check.close("RoPE by hand equals model.apply_rope (one complex product per pair)", ours, theirs)
 
 # %% [markdown]
-# **Why it works: a query-key product depends only on the distance.** Rotating q by angle a and k by
-# angle b changes q.k by the angle a - b only. Shift both positions by the same amount and the
-# attention score stays the same.
+# **Why it works: a query-key product depends only on the distance.** Rotate each pair of q by the
+# angle of position a and the matching pair of k by that of position b: their dot product depends on
+# the angle a - b alone, as rotating both vectors by the same angle leaves it unchanged. Shift both
+# positions by the same amount and the attention score stays the same.
 
 # %%
 k = torch.randn(10, hd)
@@ -251,8 +252,11 @@ check.done()
 # 1. Count Llama 3 8B's parameters the same way (32 blocks, dim 4096, hidden 14,336, an untied output
 #    layer). Check against `Transformer(ModelArgs(**CONFIGS["llama3-8b"])).num_params()` built on the
 #    meta device: 8,030,261,248.
-# 2. Show that RoPE scores decay with distance on average: for random q and k, plot the mean of
-#    `|score(m, 0)|` against m. Check that the mean over m in 0..8 exceeds the mean over 56..64.
+# 2. RoPE's long-range decay: a key that matches its query (`k = q`) scores highest at distance 0
+#    and less on average as the distance grows, as the pairs' rotations fall out of step. With random
+#    q and `k = q.clone()`, plot `score(m, 0)` for m in 0..64 (redefine `score` for these vectors) and
+#    check that its mean over m in 0..8 exceeds its mean over 56..64. (For unrelated q and k there
+#    is nothing to decay: try it.)
 # 3. Set `model.FUSED_ATTENTION = False` and run the model: it now computes attention by the formula.
 #    Check that `llama(tokens)` is unchanged within 1e-5.
 #

@@ -152,11 +152,11 @@ def cache_bytes(cfg, tokens, kv_heads=None, bytes_per_number=2):
     return 2 * a.n_layers * (kv_heads or a.n_kv_heads) * a.head_dim * tokens * bytes_per_number
 
 
-print(f"{'model':>14} {'heads / kv heads':>16} {'GQA, 128k tokens':>18} {'without GQA':>13}")
+print(f"{'model':>14} {'heads / kv heads':>16} {'context':>8} {'GQA, a full context':>20} {'without GQA':>13}")
 for name in ("llama3.2-1b", "llama3-8b", "llama3-70b", "llama3.1-405b"):
-    a = ModelArgs(**CONFIGS[name])
-    gqa, mha = cache_bytes(CONFIGS[name], 131072), cache_bytes(CONFIGS[name], 131072, kv_heads=a.n_heads)
-    print(f"{name:>14} {a.n_heads:>9} / {a.n_kv_heads:<4} {gqa / 2**30:>14.1f} GiB {mha / 2**30:>9.1f} GiB")
+    a = ModelArgs(**CONFIGS[name])  # max_seq_len: 8k for Llama 3, 128k for 3.1 and 3.2
+    gqa, mha = cache_bytes(CONFIGS[name], a.max_seq_len), cache_bytes(CONFIGS[name], a.max_seq_len, kv_heads=a.n_heads)
+    print(f"{name:>14} {a.n_heads:>9} / {a.n_kv_heads:<4} {a.max_seq_len:>8,} {gqa / 2**30:>16.1f} GiB {mha / 2**30:>9.1f} GiB")
     check(f"{name}: GQA makes the cache {a.n_heads // a.n_kv_heads}x smaller", mha == gqa * a.n_heads // a.n_kv_heads)
 small = Transformer(args)
 small.setup_cache(1, 100)

@@ -6,7 +6,7 @@
 # This chapter checks each piece against `train.py`: the loss by hand, the warm-up and cosine
 # schedule (Llama 3 paper, section 3.4.1), gradient accumulation with the right weights, a short
 # training run on text made on the spot with its loss curve, and the same run on two CPU processes
-# under DDP and FSDP2 following the one-process curve. About a minute, most of it the two-process runs.
+# under DDP and FSDP2 following the one-process curve. About 15 seconds, most of it the two-process runs.
 
 # %%
 import lesson  # first: it puts the project's files (model.py, train.py, ...) on the path
@@ -182,7 +182,8 @@ check.done()
 #    Check that the first 12 losses equal those of the run above (within 1e-4).
 # 2. Turn the warm-up off (`--warmup_steps=0`) with `--lr=3e-2`. What happens to the first steps'
 #    loss? Check whether the loss at step 5 is above the warmed-up run's.
-# 3. Train twice with the same `--seed`, then with another one. Check that the first run's log equals
-#    the second's exactly, and that the third differs.
+# 3. Train twice with the same `--seed` into two `--out_dir`s, then once with another seed. Check that
+#    the first two runs' losses (`log(folder, "train")`) are equal exactly, and that the third's
+#    differ. (The logs' timing columns, tokens/s and MFU, differ between any two runs.)
 #
 # Next: [05_distillation.py](05_distillation.py).

@@ -7,8 +7,9 @@
 #   whole next-token distribution, softened by a temperature T: minimize
 #   `T^2 * KL(p_teacher,T || q_student,T)`. Borkar et al. (2026) use forward KL at T = 2, with no
 #   cross-entropy term.
-# - **Hard**, sequence-level distillation (Kim & Rush 2016): the teacher continues each training
-#   example's prefix greedily, and the student trains with plain cross-entropy on those generations.
+# - **Hard**, sequence-level distillation (Kim & Rush 2016, who train on the teacher's beam-search
+#   output): here, as in the paper, the teacher continues each training example's prefix greedily,
+#   and the student trains with plain cross-entropy on those generations.
 #
 # We build the divergence by hand and check it against `distill.py`, see numerically why the loss is
 # multiplied by T^2, fit a one-peaked student to a two-peaked teacher with forward and reverse KL, and
@@ -104,11 +105,11 @@ x = torch.arange(100).float()
 teacher = torch.logsumexp(torch.stack([-(x - 25) ** 2 / 50, -(x - 75) ** 2 / 50]), 0)  # two peaks, logits
 
 
-def fit(kind, start=65.0):
-    """Gradient descent on the student's centre and log-width, from a narrow bell at `start`."""
-    centre, log_width = torch.tensor(start, requires_grad=True), torch.tensor(1.6, requires_grad=True)
+def fit(kind, start=65.0, log_width=1.6, steps=3000):
+    """Gradient descent on the student's centre and log-width, from a bell at `start` (width e^1.6)."""
+    centre, log_width = torch.tensor(start, requires_grad=True), torch.tensor(log_width, requires_grad=True)
     optimizer = torch.optim.Adam([centre, log_width], lr=0.1)
-    for _ in range(800):
+    for _ in range(steps):
         student = -(x - centre) ** 2 / (2 * log_width.exp() ** 2)
         loss = distill.divergence(student[None], teacher[None], kind)[0]
         optimizer.zero_grad()
@@ -145,7 +146,7 @@ tiny_teacher = Transformer(args)
 tiny_teacher.init_weights()
 tiny_teacher.eval()
 rows = np.random.default_rng(0).integers(0, 60, (5, 17))
-prompt = 1 + 6  # BOS and 6 tokens
+prompt = 1 + 6  # the first 7 tokens: BOS and 6 in real examples (random ones here)
 generations = distill.teacher_continuations(tiny_teacher, rows, prompt, batch_size=2, device="cpu", progress=False)
 greedy = tiny_teacher.generate(torch.from_numpy(rows[:, :prompt]), 17 - prompt).numpy()
 check("the prompts are kept", (generations[:, :prompt] == rows[:, :prompt]).all())
@@ -166,10 +167,13 @@ check.done()
 # 1. Fit the one-peaked student with `distill.divergence(..., "jsd", beta=0.5)`, the generalized
 #    Jensen-Shannon divergence, half way between the two KLs. Where does it land? Check whether its
 #    width is closer to the forward fit's or to the reverse fit's.
-# 2. With `alpha=0.5` in `opts`, the loss is half T^2 KL and half cross-entropy on `targets`. Check:
-#    `loss == 0.5 * by_hand + 0.5 * F.cross_entropy(hidden @ weight.T, targets)`.
+# 2. With `alpha=0.5` in `opts`, the loss is half T^2 KL and half cross-entropy on `targets`. Check
+#    (with `import torch.nn.functional as F`):
+#    `torch.allclose(loss, 0.5 * by_hand + 0.5 * F.cross_entropy(hidden @ weight.T, targets))`.
 # 3. Start the reverse-KL fit at `start=35.0`. Check that it now lands on the other peak (near 25):
-#    which mode reverse KL picks depends on where it starts. Then start it wide (`log_width` 3.0):
-#    check that it stays stuck between the peaks, a local minimum that forward KL does not have.
+#    which mode reverse KL picks depends on where it starts. Then start it wide (`log_width=3.0`):
+#    check that it stays between the peaks, wide, at a divergence well above the one-peak fits'
+#    (`distill.divergence` of the result): reverse KL's landscape has several valleys, and gradient
+#    descent ends in the one it starts near.
 #
 # Next: [06_memorization.py](06_memorization.py).

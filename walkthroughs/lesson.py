@@ -45,8 +45,8 @@ class Checks:
 
 
 def grammar_corpus(folder, n_docs=12, lines=150, seed=0):
-    """A folder of .txt documents written on the spot: sentences from a small grammar ("The old king
-    fears a dark river."), so that a model has something to learn in seconds. Returns the folder."""
+    """A folder of .txt documents written on the spot: sentences from a small grammar ("a proud moon
+    fears this fair river."), one a line, so that a model has something to learn in seconds."""
     import shutil
 
     import numpy as np

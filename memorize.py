@@ -13,7 +13,8 @@ Which training examples a model regurgitates, and why (Borkar et al. 2026, arXiv
 - Predicting before distillation which examples the student will memorize: classifier.py's logistic
   regression on pre-distillation features with the paper's protocol, and a dataset without the
   examples it flags, to distill again on.
-- `MemorizationTracker`: the same flag while a model trains (train.py --mem_every).
+- `MemorizationTracker`: the same flag while a model trains (train.py --mem_every); where training runs
+  in bf16, `screened_memorized_flags` gives the same flags faster, deciding most examples in bf16.
 - Streams the memory-mapped split (flat memory at a million examples) and shares it over ranks under
   torchrun. Writes per_example.jsonl and summary.json, and report.md and figures through report.py.
   The extraction attack, which needs no prefixes, is extract.py.
@@ -142,6 +143,55 @@ def memorized_flags(model, rows, prefix_len, suffix_len, batch_size=32):
     return flags
 
 
+# The largest gap between a logit computed under bf16 autocast and the same logit in fp32 that the
+# screen below trusts (two logits' order can flip only where they are closer than twice this). On the
+# reproduction's fine-tuned models the largest gap over every suffix logit of D is 0.13-0.20 (Intel
+# Xeon with AMX; a row's largest is 0.05-0.07 at the median).
+BF16_LOGIT_ERROR = 0.5
+
+
+@torch.no_grad()
+def screened_memorized_flags(model, rows, prefix_len, suffix_len, batch_size=64, error=BF16_LOGIT_ERROR):
+    """memorized_flags' flags (fp32 greedy decoding's), from a bf16 pass where bf16 cannot change them.
+
+    If every logit under bf16 is within `error` of its fp32 value, a suffix position whose top bf16
+    logit is the true token's and leads the runner-up by more than 2 * error is right in fp32 too,
+    and one whose top logit leads the true token's by more than 2 * error is wrong in fp32 too. An
+    example is decided in bf16 when every position is surely right (memorized) or one is surely
+    wrong (not memorized); the others are computed again in fp32 by memorized_flags. The bound is a
+    measurement, not a proof, so each batch checks it: its first row is computed in fp32 as well,
+    and if any of its logits is further than error / 2 from the bf16 one, the whole batch is
+    computed in fp32. Pays where bf16 matrix products are much faster than fp32 ones (AMX, GPUs)."""
+    check_full_precision({"model": model})
+    device, prompt = model.tok_embeddings.weight.device, prompt_len(prefix_len)
+    flags, redo = np.empty(len(rows), dtype=bool), []
+    for i in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(np.asarray(rows[i:i + batch_size, :prompt + suffix_len], dtype=np.int64)).to(device)
+        suffix, n = batch[:, prompt:], len(batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            hidden = model(batch[:, :-1], return_hidden=True)[:, prompt - 1:]  # (B, S, dim)
+            sentinel = model.output(hidden[:1]).float()
+        with torch.autocast(device.type, enabled=False):
+            exact = model.output(model(batch[:1, :-1], return_hidden=True)[:, prompt - 1:])
+        if (sentinel - exact).abs().max() > error / 2:  # bf16 is further off than the bound allows
+            redo.extend(range(i, i + n))
+            continue
+        right, wrong = (torch.empty(suffix.shape, dtype=torch.bool, device=device) for _ in range(2))
+        for s in position_chunks(*suffix.shape, model.args.vocab_size):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = model.output(hidden[:, s]).float()
+            top, runner_up = logits.topk(2).values.unbind(-1)
+            true = logits.gather(-1, suffix[:, s, None]).squeeze(-1)
+            right[:, s] = (top == true) & (top - runner_up > 2 * error)  # the true token leads by the margin
+            wrong[:, s] = top - true > 2 * error  # another token leads the true one by the margin
+        right, wrong = right.all(1).cpu().numpy(), wrong.any(1).cpu().numpy()
+        flags[i:i + n] = right
+        redo.extend(i + np.flatnonzero(~(right | wrong)))
+    if redo:
+        flags[redo] = memorized_flags(model, rows[np.asarray(redo)], prefix_len, suffix_len)
+    return flags
+
+
 def first_false(ok):
     """Index of the first False in each row of ok (B, S), or S where the row is all True."""
     return torch.where(ok.all(1), ok.shape[1], (~ok).int().argmax(1))
@@ -175,7 +225,7 @@ def token_logprobs(model, tokens, with_argmax=False):
 
 
 class MemorizationTracker:
-    """Which examples of a dataset a model in training reproduces exactly (memorized_flags, in fp32),
+    """Which examples of a dataset a model in training reproduces exactly (memorized_flags' flags),
     each distinct example once (planted copies are one example). train.py --mem_every measures it at
     the start and every few epochs: when each example is learned by heart."""
 
@@ -200,8 +250,11 @@ class MemorizationTracker:
             model = load_weights(empty_model(model.args), full_weights(model).items(), ctx.device, torch.float32)
         was_training = model.training
         model.eval()
-        flags = memorized_flags(model, self.rows[self.index[equal_share(len(self.index), ctx)]],
-                                self.prefix_len, self.suffix_len)
+        # Where training runs in bf16 (the hardware is fast at it), the screen decides most examples
+        # in bf16 and the rest in fp32: the same flags as memorized_flags.
+        flags_of = screened_memorized_flags if ctx.compute_dtype == torch.bfloat16 else memorized_flags
+        flags = flags_of(model, self.rows[self.index[equal_share(len(self.index), ctx)]], self.prefix_len,
+                         self.suffix_len)
         model.train(was_training)
         return self.index[all_gather_flags(flags, len(self.index), ctx)]
 

@@ -354,3 +354,48 @@ def test_flags_under_a_callers_bf16_autocast_still_equal_fp32_greedy_decoding():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         flags = mem.memorized_flags(model, rows, P, S, batch_size=16)
     assert flags.tolist() == [True] * 32 + [False] * 32
+
+
+# --- the bf16 screen: memorized_flags' flags, decided in bf16 where bf16 cannot change them --------
+
+def rows_sent_to_fp32(monkeypatch):
+    """Record how many rows screened_memorized_flags hands to the fp32 memorized_flags."""
+    sent, fp32 = [], mem.memorized_flags
+    monkeypatch.setattr(mem, "memorized_flags", lambda model, rows, *a, **k: sent.append(len(rows)) or fp32(model, rows, *a, **k))
+    return sent
+
+
+def test_screened_flags_equal_fp32_flags_on_the_trained_family_and_most_are_decided_in_bf16(world, monkeypatch):
+    sent = rows_sent_to_fp32(monkeypatch)
+    for name in ("teacher", "baseline"):
+        model = world["models"][name]
+        exact = mem.memorized_flags(model, world["rows"], P, S, batch_size=8)
+        sent.clear()
+        screened = mem.screened_memorized_flags(model, world["rows"], P, S, batch_size=8)
+        assert screened.tolist() == exact.tolist()
+        assert exact.any() and not exact.all()  # both outcomes are covered
+        assert sum(sent) < len(world["rows"]) / 2  # most rows were decided by the bf16 pass
+
+
+def test_screened_flags_recompute_near_ties_that_bf16_would_get_wrong(monkeypatch):
+    # An untrained model's own greedy continuations: its logits are nearly tied, and bf16 rounding
+    # changes the argmax somewhere in some of them. The screen must send those to fp32.
+    model = tiny_model(5)
+    prompts = torch.randint(0, 256, (64, 1 + P), generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([prompts, model.generate(prompts, S)], 1).numpy()  # greedy, in fp32
+    rows[32:, -1] = (rows[32:, -1] + 1) % 512  # the last suffix token wrong: not memorized
+    batch = torch.from_numpy(rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_argmax = model(batch[:, :-1])[:, P:].argmax(-1)
+    assert (bf16_argmax[:32] != batch[:32, P + 1:]).any(1).sum() > 0  # plain bf16 would lose some
+    sent = rows_sent_to_fp32(monkeypatch)
+    assert mem.screened_memorized_flags(model, rows, P, S, batch_size=16).tolist() == [True] * 32 + [False] * 32
+    assert sum(sent) > 0
+
+
+def test_a_batch_whose_bf16_error_exceeds_the_bound_is_computed_in_fp32_whole(world, monkeypatch):
+    sent = rows_sent_to_fp32(monkeypatch)
+    model, rows = world["models"]["teacher"], world["rows"]
+    flags = mem.screened_memorized_flags(model, rows, P, S, batch_size=8, error=1e-9)  # no bf16 logit is that close
+    assert sum(sent) == len(rows)
+    assert flags.tolist() == mem.memorized_flags(model, rows, P, S).tolist()

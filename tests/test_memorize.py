@@ -361,7 +361,12 @@ def test_flags_under_a_callers_bf16_autocast_still_equal_fp32_greedy_decoding():
 def rows_sent_to_fp32(monkeypatch):
     """Record how many rows screened_memorized_flags hands to the fp32 memorized_flags."""
     sent, fp32 = [], mem.memorized_flags
-    monkeypatch.setattr(mem, "memorized_flags", lambda model, rows, *a, **k: sent.append(len(rows)) or fp32(model, rows, *a, **k))
+
+    def recorded(model, rows, *args, **kwargs):
+        sent.append(len(rows))
+        return fp32(model, rows, *args, **kwargs)
+
+    monkeypatch.setattr(mem, "memorized_flags", recorded)
     return sent
 
 

@@ -125,6 +125,26 @@ class RMSNorm(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Linear layers
+
+
+class Linear(nn.Linear):
+    """y = x W^T without a bias (Llama's layers have none): nn.Linear, with one faster path chosen
+    here. Decoding one row with bf16 weights on a CPU goes through torch.mv, PyTorch's matrix-vector
+    kernel: the general product (oneDNN) is slower for a single row, and the Llama 3.2 1B shape
+    decodes 1.3x as fast this way (docs/performance.md). Both accumulate in fp32."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        one_row = x.numel() == x.shape[-1]
+        if one_row and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.bfloat16:
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight)
+
+
+# ----------------------------------------------------------------------------------------------
 # Rotary position embeddings
 
 
@@ -199,10 +219,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.cache_k = self.cache_v = None  # (B, n_kv_heads, cache_len, head_dim) while generating
 
     def forward(self, x, rotation, start_pos=0, mask=None):
@@ -269,9 +289,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w1 = Linear(args.dim, args.hidden_dim)
+        self.w2 = Linear(args.hidden_dim, args.dim)
+        self.w3 = Linear(args.dim, args.hidden_dim)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -316,7 +336,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         if args.tie_word_embeddings:
             self.tie_weights()
         self.init_rope()

@@ -199,3 +199,30 @@ def test_bf16_attention_with_wide_heads_on_a_cpu_gives_the_formulas_result():
     got = model.fused_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
     expected = model.attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float())
     assert got.dtype == torch.bfloat16 and (got.float() - expected).abs().max() < 2e-2
+
+
+def test_one_bf16_row_goes_through_the_matrix_vector_kernel_with_the_general_products_numbers(monkeypatch):
+    # Decoding one row with bf16 weights on a CPU takes torch.mv (model.Linear); every other input
+    # takes F.linear. Either way the result is the product's within bf16 rounding.
+    calls = []
+    real_mv = torch.mv
+
+    def recording_mv(*args):
+        calls.append(args[0].shape)
+        return real_mv(*args)
+
+    monkeypatch.setattr(torch, "mv", recording_mv)
+    g = torch.Generator().manual_seed(0)
+    layer = model.Linear(96, 160)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(160, 96, generator=g))
+    x = torch.randn(1, 1, 96, generator=g)
+    plain = layer(x)  # fp32: F.linear
+    assert calls == [] and torch.equal(plain, x @ layer.weight.t())
+    layer = layer.bfloat16()
+    one_row = layer(x.bfloat16())
+    assert calls == [(160, 96)] and one_row.shape == (1, 1, 160) and one_row.dtype == torch.bfloat16
+    exact = (x.bfloat16().double() @ layer.weight.double().t())
+    assert (one_row.double() - exact).abs().max() <= 2 ** -7 * exact.abs().max()  # within bf16 rounding
+    rows = layer(torch.cat([x, x]).bfloat16())  # two rows: the general product
+    assert len(calls) == 1 and (rows.double() - exact).abs().max() <= 2 ** -7 * exact.abs().max()

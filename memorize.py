@@ -598,6 +598,9 @@ def measure_family(cfg, models, paths, info, rows, tokenizer, ctx):
         summary["by_copies"] = {str(c): {"examples": int((copies == c).sum()),
                                          **{n: int(cols[f"{n}.memorized"][copies == c].sum()) for n in names}}
                                 for c in np.unique(copies)}
+        # How close each stratum came: the leading suffix tokens greedy decoding reproduces, S when memorized.
+        summary["reproduced_by_copies"] = {str(c): {n: float(cols[f"{n}.first_mismatch"][copies == c].mean())
+                                                    for n in names} for c in np.unique(copies)}
     write_atomic(os.path.join(cfg.out, "per_example.jsonl"), per_example_lines(cols, names))
     summary["figures"] = measurement_figures(summary, cols, cfg.out) if cfg.figures else []
     summary["config"] = config_dict(cfg)

@@ -94,6 +94,7 @@ def write_measurement_report(s, path):
                 f"Hard/soft inheritance ratio: {fmt(t['hard_soft_ratio'])}.\n\n",
                 md_table(["student", "share of its memorized that is easy", "teacher-specific inherited"],
                          [[k[6:], e[k], t[f"inherited_{k[6:]}"]] for k in e if k.startswith("share_")])]
+    out += planted_section(s)
     c = s["classifier"]
     out.append(f"\n## Predicting the student's memorization ({c.get('student') or '-'})\n\n")
     if c["status"] != "ok":
@@ -469,6 +470,12 @@ def planted_section(s):
              "| copies | examples | " + " | ".join(names) + " |\n", "|---" * (len(names) + 2) + "|\n"]
     for c, row in sorted(s["by_copies"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {c} | {row['examples']} | " + " | ".join(str(row[n]) for n in names) + " |\n")
+    if "reproduced_by_copies" in s:
+        lines += [f"\nHow close each row came: the mean number of leading suffix tokens each model's greedy continuation "
+                  f"reproduces (of {s['suffix_len']}; all {s['suffix_len']} is memorized).\n\n",
+                  "| copies | " + " | ".join(names) + " |\n", "|---" * (len(names) + 1) + "|\n"]
+        for c, row in sorted(s["reproduced_by_copies"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {c} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |\n")
     return lines
 
 

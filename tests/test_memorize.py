@@ -276,6 +276,11 @@ def test_repeated_examples_are_measured_once_and_the_natural_ones_also_alone(wor
     assert natural["n_examples"] == 14 and natural["models"]["teacher"]["memorized"] == 5
     assert natural["models"]["baseline"]["memorized"] == 2 and natural["easy"]["count"] == 2
     assert s["by_copies"]["3"] == {"examples": 1, "teacher": 1, "baseline": 1, "student_soft": 1, "student_hard": 0}
+    # How close: row 1 memorized (all S suffix tokens) by all but the hard student, which reproduces fewer.
+    assert {n: v for n, v in s["reproduced_by_copies"]["3"].items() if n != "student_hard"} == dict.fromkeys(
+        ["teacher", "baseline", "student_soft"], float(S))
+    assert s["reproduced_by_copies"]["3"]["student_hard"] < S
+    assert "How close each row came" in open(os.path.join(out, "report.md")).read()
     # A threshold of 0 flags every example: the filtered data keeps none of the rows, copies included.
     assert s["filter"]["at_risk"] == N_TRAIN + 3 and s["filter"]["kept"] == 0
 

@@ -17,7 +17,8 @@ The dataset folder: how tokenized text is stored, written by prepare.py and read
 - A folder is written whole or not at all; a split is read as a memory map, so a million examples
   cost no memory until a batch is read.
 - The memorization study measures each distinct example once, however often it was planted in the
-  data (`distinct_examples`).
+  data (`distinct_examples`), and counts where a run of tokens occurs in the rows (`NgramIndex`): the
+  extraction attack looks its samples up there, and memorize.py counts how often each suffix occurs.
 """
 
 import json
@@ -117,3 +118,40 @@ def distinct_examples(rows):
     position = np.empty_like(order)
     position[order] = np.arange(len(order))
     return first[order], copies[order], position[inverse.ravel()]
+
+
+class NgramIndex:
+    """Every n-token window inside the rows [N, L] (windows do not cross rows) as 64-bit hashes, sorted,
+    with how many times each occurs: 16 bytes per distinct window (a million 256-token rows and n = 50
+    take about 3 GB, more while sorting). A window's hash is sum_j token_j * c_j mod 2^64 with fixed
+    random odd c_j; distinct windows collide with negligible probability, so a hit is taken as a match."""
+
+    def __init__(self, rows, n, chunk_rows=256):
+        self.n = n
+        self.coef = np.random.default_rng(20210609).integers(1, 2**63, size=n, dtype=np.uint64) | np.uint64(1)
+        parts = [np.unique(self.hashes(np.asarray(rows[i:i + chunk_rows])), return_counts=True)
+                 for i in range(0, len(rows) if rows.shape[1] >= n else 0, chunk_rows)]
+        hashes = np.concatenate([h for h, _ in parts]) if parts else np.zeros(0, np.uint64)
+        counts = np.concatenate([c for _, c in parts]) if parts else np.zeros(0, np.int64)
+        self.table, where = np.unique(hashes, return_inverse=True)  # chunks share windows: add their counts
+        self.counts = np.bincount(where.ravel(), weights=counts, minlength=len(self.table)).astype(np.int64)
+
+    def hashes(self, rows):
+        """(M, T) tokens -> (M, T - n + 1) uint64 window hashes (uint64 arithmetic wraps mod 2^64)."""
+        windows = np.lib.stride_tricks.sliding_window_view(rows.astype(np.uint64), self.n, axis=1)
+        return (windows * self.coef).sum(-1, dtype=np.uint64)
+
+    def occurrences(self, samples):
+        """int (M, T - n + 1): how many times each n-token window of the samples (M, T) occurs in the rows."""
+        h = self.hashes(np.asarray(samples))
+        if len(self.table) == 0:
+            return np.zeros(h.shape, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.table, h), len(self.table) - 1)
+        return np.where(self.table[pos] == h, self.counts[pos], 0)
+
+    def contains(self, samples):
+        """bool (M,): whether each sample (M, T) holds a window of the rows of n tokens or more."""
+        samples = np.asarray(samples)
+        if samples.shape[1] < self.n:
+            return np.zeros(len(samples), dtype=bool)
+        return (self.occurrences(samples) > 0).any(1)

@@ -8,7 +8,7 @@ attacker knows no prefix.
   the text's zlib entropy, and its log-perplexity over a reference model's (here a baseline, which
   saw the same data but is a different model).
 - Look each sample up in the training split: it is extracted when it holds `--window` consecutive
-  tokens of one training example (an index of hashed n-grams, `NgramIndex`). The report gives the
+  tokens of one training example (an index of hashed n-grams, `data.NgramIndex`). The report gives the
   precision among the top k of each ranking.
 - Under torchrun every rank draws a share of the samples, each batch from its own seeded stream, so
   any number of processes draws what one does. `--quantize=int8` samples from an int8 copy of the
@@ -27,7 +27,7 @@ import torch
 from checkpoint import check_fits_data, load_model
 from config import (UserError, at_least, check_output_folder, config_dict, one_of, parse_config, positive,
                     progress_bar, run_main, seed_range, setting, write_atomic)
-from data import open_split, read_info
+from data import NgramIndex, open_split, read_info
 from distributed import DEVICES, batch_generator, batch_share, gather_columns, processes
 from memorize import family_roles, parse_models, token_logprobs, zlib_entropy
 from quantize import KINDS, quantized_copy
@@ -96,35 +96,6 @@ def extraction_report(cols, hits, ks=(10, 100, 1000)):
     ks = sorted({k for k in ks if k < len(hits)} | {len(hits)})
     return {name: {str(k): float(hits[np.argsort(s, kind="stable")[:k]].mean()) for k in ks}
             for name, s in scores.items()}
-
-
-class NgramIndex:
-    """The set of 64-bit hashes of every n-token window inside the training rows (windows do not
-    cross rows), as one sorted numpy array: 8 bytes per window, N * (L - n + 1) windows (1.6 GB
-    for a million 256-token rows and n = 50, two to three times that while sorting). A window's
-    hash is sum_j token_j * c_j mod 2^64 with fixed random odd c_j; distinct windows collide with
-    negligible probability, so a hit is taken as a match."""
-
-    def __init__(self, rows, n, chunk_rows=256):
-        self.n = n
-        self.coef = np.random.default_rng(20210609).integers(1, 2**63, size=n, dtype=np.uint64) | np.uint64(1)
-        parts = [np.unique(self.hashes(np.asarray(rows[i:i + chunk_rows])))
-                 for i in range(0, len(rows) if rows.shape[1] >= n else 0, chunk_rows)]
-        self.table = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
-
-    def hashes(self, rows):
-        """(M, T) tokens -> (M, T - n + 1) uint64 window hashes (uint64 arithmetic wraps mod 2^64)."""
-        windows = np.lib.stride_tricks.sliding_window_view(rows.astype(np.uint64), self.n, axis=1)
-        return (windows * self.coef).sum(-1, dtype=np.uint64)
-
-    def contains(self, samples):
-        """bool (M,): whether each sample (M, T) holds a training window of n tokens or more."""
-        samples = np.asarray(samples)
-        if samples.shape[1] < self.n or len(self.table) == 0:
-            return np.zeros(len(samples), dtype=bool)
-        h = self.hashes(samples)
-        pos = np.minimum(np.searchsorted(self.table, h), len(self.table) - 1)
-        return (self.table[pos] == h).any(1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from checkpoint import check_fits_data, empty_model, load_model, load_weights
 from classifier import at_risk_probability, classifier_trials
 from config import (UserError, at_least, between, check_output_folder, config_dict, one_of, parse_config, positive,
                     progress_bar, run_main, seed_range, setting, write_atomic)
-from data import distinct_examples, open_split, read_info, write_dataset
+from data import NgramIndex, distinct_examples, open_split, read_info, write_dataset
 from distributed import (DEVICES, all_gather_flags, batch_generator, batch_share, equal_share, full_weights, gather,
                          gather_columns, processes, shard_range)
 from quantize import is_quantized
@@ -455,17 +455,33 @@ def beyond_base(cols, name, names):
     return cols[f"{name}.memorized"] & ~cols[f"{base}.memorized"] if base else cols[f"{name}.memorized"]
 
 
+def suffix_occurrences(rows, first, prefix_len, suffix_len):
+    """For each distinct example (rows[first]), how many times its suffix occurs in the rows, at any
+    position, copies included: more than its copies when the same text is also part of another
+    example (a passage a play repeats, a line that generated code repeats, the overlap with a planted
+    example), so that text seen once is told apart from a row seen once."""
+    start = prompt_len(prefix_len)
+    suffixes = np.asarray(rows[first])[:, start:start + suffix_len]
+    return NgramIndex(rows, suffix_len).occurrences(suffixes)[:, 0]
+
+
 def natural_family(cfg, cols, names):
-    """The family's comparisons and classifiers on the examples that appear once in the data, each
-    fine-tuned model's memorization counted beyond its base's: what fine-tuning on D made it
+    """The family's comparisons and classifiers on the natural examples: those that appear once in the
+    data and whose suffix occurs nowhere else in it (text seen once, as the paper's deduplicated data),
+    each fine-tuned model's memorization counted beyond its base's: what fine-tuning on D made it
     reproduce, not what pretraining already had (the bases see no example of D, but a predictable
-    text can be reproduced without having been seen)."""
-    natural = cols["copies"] == 1
+    text can be reproduced without having been seen). The examples that appear once but whose suffix
+    occurs elsewhere are counted apart."""
+    once = cols["copies"] == 1
+    natural = once & (cols["suffix_in_data"] == 1)
     sub = {c: v[natural] for c, v in cols.items()}
     for n in names:
         sub[f"{n}.memorized"] = beyond_base(cols, n, names)[natural]
     family = compare_family({n: sub[f"{n}.memorized"] for n in names})
+    repeated = once & ~natural
     return {"n_examples": int(natural.sum()), "memorized_counts": "beyond the base", **family,
+            "suffix_elsewhere": {"examples": int(repeated.sum()),
+                                 **{n: int(beyond_base(cols, n, names)[repeated].sum()) for n in names}},
             **classifiers(cfg, sub, names)}
 
 
@@ -578,7 +594,8 @@ def measure_family(cfg, models, paths, info, rows, tokenizer, ctx):
     val = {n: validation_scores(cfg, info, m, ctx.rank, ctx.world_size) for n, m in models.items()}
     if not ctx.is_main:
         return None
-    cols = {"index": cols.pop("index"), "copies": copies, **cols}
+    cols = {"index": cols.pop("index"), "copies": copies,
+            "suffix_in_data": suffix_occurrences(rows, first, cfg.prefix_len, cfg.suffix_len), **cols}
 
     os.makedirs(cfg.out, exist_ok=True)
     family = compare_family({n: cols[f"{n}.memorized"] for n in names})

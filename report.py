@@ -523,8 +523,13 @@ def write_report(s, out):
     lines += ["\n## The paper's findings, and this run\n\n", findings_table(s["findings"])]
     if s.get("findings_natural") is not None:
         lines += [f"\nThe same on the {s['natural']['n_examples']:,} natural examples alone (those that appear once in "
-                  "D), each model's memorization counted beyond its base's (what its base already reproduces is not "
-                  "fine-tuning's doing):\n\n", findings_table(s["findings_natural"])]
+                  "D and whose suffix occurs nowhere else in it), each model's memorization counted beyond its base's "
+                  "(what its base already reproduces is not fine-tuning's doing):\n\n", findings_table(s["findings_natural"])]
+        if elsewhere := s["natural"].get("suffix_elsewhere"):
+            lines.append(f"\nLeft out of them: {elsewhere['examples']:,} examples that appear once but whose suffix also "
+                         "occurs in another example of D (a repeated passage, an overlap with a planted one); memorized "
+                         "beyond the base among them: " + ", ".join(f"{n} {v}" for n, v in elsewhere.items()
+                                                                   if n != "examples") + ".\n")
     c = s.get("classifier", {})
     if c.get("coefficients"):
         lines.append("\nClassifier coefficients (standardized features, mean over trials): " + ", ".join(
@@ -662,7 +667,7 @@ def report_families(cfg):
         f"{label} {'yes' if ok else '**no**'}" for label, ok in result["regime"].items()) + ".\n")
     lines += ["\n## The paper's findings\n\n", aggregate_table(result["findings"], labels)]
     if result["findings_natural"]:
-        lines += ["\n## The same on the natural (unrepeated) examples alone\n\n",
+        lines += ["\n## The same on the natural examples alone (appear once, suffix nowhere else in D)\n\n",
                   aggregate_table(result["findings_natural"], labels)]
     lines.append("\nEach seed's full report: " + ", ".join(f"[{label}]({label}/report.md)" for label in labels) + ".\n")
     os.makedirs(cfg.out, exist_ok=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from config import UserError
-from data import distinct_examples, open_split, read_info, write_dataset
+from data import NgramIndex, distinct_examples, open_split, read_info, write_dataset
 from test_prepare import make_docs, prepare_run, write_txt
 
 
@@ -44,3 +44,29 @@ def test_distinct_examples_are_the_first_copies_in_row_order_with_their_counts_a
     assert first.tolist() == [0, 1, 3] and copies.tolist() == [3, 2, 1]
     assert group.tolist() == [0, 1, 0, 2, 1, 0]  # each row's example, as a position in first
     assert (rows[first][group] == rows).all()
+
+
+def test_ngram_index_finds_planted_windows_and_not_absent_ones():
+    rng = np.random.default_rng(4)
+    train = rng.integers(0, 100_000, (20, 30)).astype(np.uint32)
+    index = NgramIndex(train, 8, chunk_rows=3)
+    noise = lambda n: rng.integers(0, 100_000, n)  # noqa: E731
+    samples = np.stack([
+        np.r_[noise(5), train[3, 10:18], noise(7)],  # a whole training window
+        np.r_[noise(5), train[7, 0:12], noise(3)],   # a longer one, from the row's start
+        np.r_[noise(5), train[7, 22:30], noise(7)],  # the last window of a row
+        np.r_[noise(5), train[3, 10:17], noise(8)],  # 7 tokens only
+        np.r_[train[3, 25:30], train[4, 0:3], noise(12)],  # across two rows: not a training window
+        noise(20),
+    ])
+    assert index.contains(samples).tolist() == [True, True, True, False, False, False]
+
+
+def test_ngram_index_counts_every_occurrence_across_chunks_and_rows():
+    rng = np.random.default_rng(5)
+    train = rng.integers(0, 100_000, (10, 30)).astype(np.uint32)
+    train[6] = train[2]                  # a copied row, in another chunk
+    train[8, 4:12] = train[2, 15:23]     # the same 8 tokens inside another row, at another position
+    index = NgramIndex(train, 8, chunk_rows=3)
+    windows = np.stack([train[2, 15:23], train[2, 0:8], train[5, 3:11], rng.integers(0, 100_000, 8)])
+    assert index.occurrences(windows)[:, 0].tolist() == [3, 2, 1, 0]

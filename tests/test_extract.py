@@ -25,22 +25,6 @@ def attack_args(w, tmp, *extra):
 
 # --- the training-window index and the rankings ----------------------------------------------------
 
-def test_ngram_index_finds_planted_windows_and_not_absent_ones():
-    rng = np.random.default_rng(4)
-    train = rng.integers(0, 100_000, (20, 30)).astype(np.uint32)
-    index = extract.NgramIndex(train, 8, chunk_rows=3)
-    noise = lambda n: rng.integers(0, 100_000, n)  # noqa: E731
-    samples = np.stack([
-        np.r_[noise(5), train[3, 10:18], noise(7)],  # a whole training window
-        np.r_[noise(5), train[7, 0:12], noise(3)],   # a longer one, from the row's start
-        np.r_[noise(5), train[7, 22:30], noise(7)],  # the last window of a row
-        np.r_[noise(5), train[3, 10:17], noise(8)],  # 7 tokens only
-        np.r_[train[3, 25:30], train[4, 0:3], noise(12)],  # across two rows: not a training window
-        noise(20),
-    ])
-    assert index.contains(samples).tolist() == [True, True, True, False, False, False]
-
-
 def test_extraction_precision_ranks_by_each_score():
     cols = {"log_ppl": np.array([1.0, 2.0, 3.0, 4.0]), "zlib_entropy": np.array([1.0, 100.0, 1.0, 1.0]),
             "reference_log_ppl": np.array([1.0, 1.0, 30.0, 1.0])}

@@ -285,6 +285,26 @@ def test_repeated_examples_are_measured_once_and_the_natural_ones_also_alone(wor
     assert s["filter"]["at_risk"] == N_TRAIN + 3 and s["filter"]["kept"] == 0
 
 
+def test_an_example_whose_suffix_occurs_in_another_row_is_not_natural(world, tmp_path):
+    # A new row: row 9's prompt and row 1's suffix (the teacher memorized row 1); row 7 appears twice.
+    # Row 1 and the new row appear once each, but their suffix twice: not text seen once.
+    start = mem.prompt_len(P)
+    new = world["rows"][9].copy()
+    new[start:start + S] = world["rows"][1][start:start + S]
+    rows = np.concatenate([world["rows"], world["rows"][[7]], new[None]])
+    data = str(tmp_path / "data")
+    write_dataset(data, str(world["root"] / "tok.model"), {"train": rows, "val": world["val"]}, "examples")
+    out = str(tmp_path / "report")
+    s = mem.main([f"--data={data}", models_arg(world), f"--out={out}", f"--prefix_len={P}", f"--suffix_len={S}",
+                  "--classifier_min_positives=1", "--classifier_trials=3", "--filter=false"])
+    lines = [json.loads(line) for line in open(os.path.join(out, "per_example.jsonl"))]
+    assert [r["suffix_in_data"] for r in lines] == [1, 2] + [1] * 5 + [2] + [1] * 8 + [2]
+    assert s["natural"]["n_examples"] == N_TRAIN - 2  # row 7 has copies, rows 1 and 16 a shared suffix
+    assert s["natural"]["suffix_elsewhere"]["examples"] == 2
+    assert s["natural"]["suffix_elsewhere"]["teacher"] == 1 + lines[-1]["teacher"]["memorized"]
+    assert s["natural"]["models"]["teacher"]["memorized"] == len(TEACHER_ROWS) - 1  # row 1 is not natural
+
+
 def test_memorization_beyond_the_base_and_held_out_accuracy(world, tmp_path):
     # A "base" of the students that memorized rows 0-2 already (the baseline itself stands in for it):
     # what a student memorizes beyond it is what fine-tuning added.

@@ -39,8 +39,9 @@ family = os.path.join(lesson.SCRATCH, "06_family")
 #
 # `prepare.py --layout=examples` cuts documents into rows of BOS + 16 tokens. With `--repeats` it
 # plants copies of random examples, as web text is full of duplicates: 12 examples appear 4 times and
-# 8 appear 8 times; every other example appears once (a **natural** example). Prompts are BOS + 8
-# tokens, suffixes the next 8.
+# 8 appear 8 times; every other example appears once (a **natural** example, when its suffix occurs
+# nowhere else in the data either: memorize.py counts where each suffix occurs, `suffix_in_data`).
+# Prompts are BOS + 8 tokens, suffixes the next 8.
 
 # %%
 P, S = 8, 8

@@ -132,7 +132,7 @@ class Linear(nn.Linear):
     """y = x W^T without a bias (Llama's layers have none): nn.Linear, with one faster path chosen
     here. Decoding one row with bf16 weights on a CPU goes through torch.mv, PyTorch's matrix-vector
     kernel: the general product (oneDNN) is slower for a single row, and the Llama 3.2 1B shape
-    decodes 1.3x as fast this way (docs/performance.md). Both accumulate in fp32."""
+    decodes 1.2-1.3x as fast this way (docs/performance.md). Both accumulate in fp32."""
 
     def __init__(self, d_in, d_out):
         super().__init__(d_in, d_out, bias=False)

@@ -17,8 +17,8 @@ The dataset folder: how tokenized text is stored, written by prepare.py and read
 - A folder is written whole or not at all; a split is read as a memory map, so a million examples
   cost no memory until a batch is read.
 - The memorization study measures each distinct example once, however often it was planted in the
-  data (`distinct_examples`), and counts where a run of tokens occurs in the rows (`NgramIndex`): the
-  extraction attack looks its samples up there, and memorize.py counts how often each suffix occurs.
+  data (`distinct_examples`). Runs of n tokens are looked up in the rows by hash: the extraction
+  attack's samples (`NgramIndex`) and how often each example's suffix occurs (`window_counts`).
 """
 
 import json
@@ -120,38 +120,44 @@ def distinct_examples(rows):
     return first[order], copies[order], position[inverse.ravel()]
 
 
+def window_hashes(rows, n):
+    """(M, T) tokens -> (M, T - n + 1) uint64 hashes of every n-token window: sum_j token_j * c_j mod 2^64
+    with fixed random odd c_j (uint64 arithmetic wraps). Distinct windows collide with negligible
+    probability, so equal hashes are taken as equal windows."""
+    coef = np.random.default_rng(20210609).integers(1, 2**63, size=n, dtype=np.uint64) | np.uint64(1)
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(rows).astype(np.uint64), n, axis=1)
+    return (windows * coef).sum(-1, dtype=np.uint64)
+
+
 class NgramIndex:
-    """Every n-token window inside the rows [N, L] (windows do not cross rows) as 64-bit hashes, sorted,
-    with how many times each occurs: 16 bytes per distinct window (a million 256-token rows and n = 50
-    take about 3 GB, more while sorting). A window's hash is sum_j token_j * c_j mod 2^64 with fixed
-    random odd c_j; distinct windows collide with negligible probability, so a hit is taken as a match."""
+    """The set of every n-token window inside the rows [N, L] (windows do not cross rows), as one
+    sorted array of hashes: 8 bytes per window, N * (L - n + 1) windows (1.6 GB for a million
+    256-token rows and n = 50, two to three times that while sorting)."""
 
     def __init__(self, rows, n, chunk_rows=256):
         self.n = n
-        self.coef = np.random.default_rng(20210609).integers(1, 2**63, size=n, dtype=np.uint64) | np.uint64(1)
-        parts = [np.unique(self.hashes(np.asarray(rows[i:i + chunk_rows])), return_counts=True)
+        parts = [np.unique(window_hashes(rows[i:i + chunk_rows], n))
                  for i in range(0, len(rows) if rows.shape[1] >= n else 0, chunk_rows)]
-        hashes = np.concatenate([h for h, _ in parts]) if parts else np.zeros(0, np.uint64)
-        counts = np.concatenate([c for _, c in parts]) if parts else np.zeros(0, np.int64)
-        self.table, where = np.unique(hashes, return_inverse=True)  # chunks share windows: add their counts
-        self.counts = np.bincount(where.ravel(), weights=counts, minlength=len(self.table)).astype(np.int64)
-
-    def hashes(self, rows):
-        """(M, T) tokens -> (M, T - n + 1) uint64 window hashes (uint64 arithmetic wraps mod 2^64)."""
-        windows = np.lib.stride_tricks.sliding_window_view(rows.astype(np.uint64), self.n, axis=1)
-        return (windows * self.coef).sum(-1, dtype=np.uint64)
-
-    def occurrences(self, samples):
-        """int (M, T - n + 1): how many times each n-token window of the samples (M, T) occurs in the rows."""
-        h = self.hashes(np.asarray(samples))
-        if len(self.table) == 0:
-            return np.zeros(h.shape, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.table, h), len(self.table) - 1)
-        return np.where(self.table[pos] == h, self.counts[pos], 0)
+        self.table = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
 
     def contains(self, samples):
         """bool (M,): whether each sample (M, T) holds a window of the rows of n tokens or more."""
         samples = np.asarray(samples)
-        if samples.shape[1] < self.n:
+        if samples.shape[1] < self.n or len(self.table) == 0:
             return np.zeros(len(samples), dtype=bool)
-        return (self.occurrences(samples) > 0).any(1)
+        h = window_hashes(samples, self.n)
+        pos = np.minimum(np.searchsorted(self.table, h), len(self.table) - 1)
+        return (self.table[pos] == h).any(1)
+
+
+def window_counts(rows, windows, chunk_rows=256):
+    """int (M,): how many times each window (M, n) occurs inside the rows [N, L], at any position
+    (not across rows), the rows read a chunk at a time: memory grows with M, not with the rows."""
+    n = windows.shape[1]
+    wanted, where = np.unique(window_hashes(windows, n)[:, 0], return_inverse=True)
+    counts = np.zeros(len(wanted), dtype=np.int64)
+    for i in range(0, len(rows) if rows.shape[1] >= n else 0, chunk_rows):
+        h = window_hashes(rows[i:i + chunk_rows], n).ravel()
+        pos = np.minimum(np.searchsorted(wanted, h), len(wanted) - 1)
+        counts += np.bincount(pos[wanted[pos] == h], minlength=len(wanted))
+    return counts[where.ravel()]

@@ -35,7 +35,7 @@ from checkpoint import check_fits_data, empty_model, load_model, load_weights
 from classifier import at_risk_probability, classifier_trials
 from config import (UserError, at_least, between, check_output_folder, config_dict, one_of, parse_config, positive,
                     progress_bar, run_main, seed_range, setting, write_atomic)
-from data import NgramIndex, distinct_examples, open_split, read_info, write_dataset
+from data import distinct_examples, open_split, read_info, window_counts, write_dataset
 from distributed import (DEVICES, all_gather_flags, batch_generator, batch_share, equal_share, full_weights, gather,
                          gather_columns, processes, shard_range)
 from quantize import is_quantized
@@ -456,13 +456,12 @@ def beyond_base(cols, name, names):
 
 
 def suffix_occurrences(rows, first, prefix_len, suffix_len):
-    """For each distinct example (rows[first]), how many times its suffix occurs in the rows, at any
-    position, copies included: more than its copies when the same text is also part of another
-    example (a passage a play repeats, a line that generated code repeats, the overlap with a planted
-    example), so that text seen once is told apart from a row seen once."""
+    """For each distinct example (rows[first]), how many times its suffix occurs in the rows measured
+    (all of D unless --max_examples), at any position, copies included: more than its copies when the
+    same text is also part of another example (a passage a play repeats, a line that generated code
+    repeats), so that text seen once is told apart from a row seen once."""
     start = prompt_len(prefix_len)
-    suffixes = np.asarray(rows[first])[:, start:start + suffix_len]
-    return NgramIndex(rows, suffix_len).occurrences(suffixes)[:, 0]
+    return window_counts(rows, np.asarray(rows[first])[:, start:start + suffix_len])
 
 
 def natural_family(cfg, cols, names):

@@ -128,18 +128,22 @@ class RMSNorm(nn.Module):
 # Linear layers
 
 
+CPU_HAS_AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # Intel's matrix tiles (bf16)
+
+
 class Linear(nn.Linear):
     """y = x W^T without a bias (Llama's layers have none): nn.Linear, with one faster path chosen
-    here. Decoding one row with bf16 weights on a CPU goes through torch.mv, PyTorch's matrix-vector
-    kernel: the general product (oneDNN) is slower for a single row, and the Llama 3.2 1B shape
-    decodes 1.2-1.3x as fast this way (docs/performance.md). Both accumulate in fp32."""
+    here. Decoding one row with bf16 weights on a CPU with AMX tiles goes through torch.mv, PyTorch's
+    matrix-vector kernel: there the general product (oneDNN) is slower for a single row, and the Llama
+    3.2 1B shape decodes 1.3x as fast this way (measured on an Intel Xeon, docs/performance.md; not
+    measured on other CPUs, which keep the general product). Both accumulate in fp32."""
 
     def __init__(self, d_in, d_out):
         super().__init__(d_in, d_out, bias=False)
 
     def forward(self, x):
         one_row = x.numel() == x.shape[-1]
-        if one_row and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.bfloat16:
+        if one_row and CPU_HAS_AMX and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.bfloat16:
             return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
 
@@ -258,9 +262,6 @@ def fused_attention(q, k, v, mask=None):
         y = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
                                            is_causal=mask is None and q.shape[2] > 1, enable_gqa=True)
     return y.type_as(q)
-
-
-CPU_HAS_AMX = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # Intel's matrix tiles (bf16)
 
 
 def accelerator_attention(q, k, v, mask=None):

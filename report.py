@@ -525,7 +525,7 @@ def write_report(s, out):
         lines += [f"\nThe same on the {s['natural']['n_examples']:,} natural examples alone (those that appear once in "
                   "D and whose suffix occurs nowhere else in it), each model's memorization counted beyond its base's "
                   "(what its base already reproduces is not fine-tuning's doing):\n\n", findings_table(s["findings_natural"])]
-        if elsewhere := s["natural"].get("suffix_elsewhere"):
+        if (elsewhere := s["natural"].get("suffix_elsewhere")) and elsewhere["examples"]:
             lines.append(f"\nLeft out of them: {elsewhere['examples']:,} examples that appear once but whose suffix also "
                          "occurs in another example of D (a repeated passage, an overlap with a planted one); memorized "
                          "beyond the base among them: " + ", ".join(f"{n} {v}" for n, v in elsewhere.items()

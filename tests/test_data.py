@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from config import UserError
-from data import NgramIndex, distinct_examples, open_split, read_info, write_dataset
+from data import NgramIndex, distinct_examples, open_split, read_info, window_counts, write_dataset
 from test_prepare import make_docs, prepare_run, write_txt
 
 
@@ -62,11 +62,13 @@ def test_ngram_index_finds_planted_windows_and_not_absent_ones():
     assert index.contains(samples).tolist() == [True, True, True, False, False, False]
 
 
-def test_ngram_index_counts_every_occurrence_across_chunks_and_rows():
+def test_window_counts_count_every_occurrence_in_any_row_and_chunk_but_none_across_rows():
     rng = np.random.default_rng(5)
     train = rng.integers(0, 100_000, (10, 30)).astype(np.uint32)
     train[6] = train[2]                  # a copied row, in another chunk
     train[8, 4:12] = train[2, 15:23]     # the same 8 tokens inside another row, at another position
-    index = NgramIndex(train, 8, chunk_rows=3)
-    windows = np.stack([train[2, 15:23], train[2, 0:8], train[5, 3:11], rng.integers(0, 100_000, 8)])
-    assert index.occurrences(windows)[:, 0].tolist() == [3, 2, 1, 0]
+    train[3, 26:30] = train[2, 15:19]    # half of it at the end of a row, the rest starting the next:
+    train[4, 0:4] = train[2, 19:23]      # not a window of the rows
+    windows = np.stack([train[2, 15:23], train[2, 0:8], train[5, 3:11], rng.integers(0, 100_000, 8),
+                        train[2, 15:23]])  # the first window again
+    assert window_counts(train, windows, chunk_rows=3).tolist() == [3, 2, 1, 0, 3]

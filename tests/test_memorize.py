@@ -280,6 +280,10 @@ def test_repeated_examples_are_measured_once_and_the_natural_ones_also_alone(wor
     assert {n: v for n, v in s["reproduced_by_copies"]["3"].items() if n != "student_hard"} == dict.fromkeys(
         ["teacher", "baseline", "student_soft"], float(S))
     assert s["reproduced_by_copies"]["3"]["student_hard"] < S
+    once = [r for r in lines if r["copies"] == 1]  # a mixed stratum: each model's mean over its rows
+    for n in s["models"]:
+        assert s["reproduced_by_copies"]["1"][n] == pytest.approx(sum(r[n]["first_mismatch"] for r in once) / len(once))
+        assert 0 < s["reproduced_by_copies"]["1"][n] < S
     assert "How close each row came" in open(os.path.join(out, "report.md")).read()
     # A threshold of 0 flags every example: the filtered data keeps none of the rows, copies included.
     assert s["filter"]["at_risk"] == N_TRAIN + 3 and s["filter"]["kept"] == 0

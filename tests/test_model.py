@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model
 from model import CONFIGS, ModelArgs, Transformer, doc_ids_from_bos, rope_frequencies, sample
@@ -202,8 +203,10 @@ def test_bf16_attention_with_wide_heads_on_a_cpu_gives_the_formulas_result():
 
 
 def test_one_bf16_row_goes_through_the_matrix_vector_kernel_with_the_general_products_numbers(monkeypatch):
-    # Decoding one row with bf16 weights on a CPU takes torch.mv (model.Linear); every other input
-    # takes F.linear. Either way the result is the product's within bf16 rounding.
+    # Decoding one row with bf16 weights on a CPU with AMX takes torch.mv (model.Linear); every other
+    # input, and every CPU without AMX, takes F.linear. Either way the result is the product's within
+    # bf16 rounding.
+    monkeypatch.setattr(model, "CPU_HAS_AMX", True)
     calls = []
     real_mv = torch.mv
 
@@ -226,3 +229,5 @@ def test_one_bf16_row_goes_through_the_matrix_vector_kernel_with_the_general_pro
     assert (one_row.double() - exact).abs().max() <= 2 ** -7 * exact.abs().max()  # within bf16 rounding
     rows = layer(torch.cat([x, x]).bfloat16())  # two rows: the general product
     assert len(calls) == 1 and (rows.double() - exact).abs().max() <= 2 ** -7 * exact.abs().max()
+    monkeypatch.setattr(model, "CPU_HAS_AMX", False)
+    assert torch.equal(layer(x.bfloat16()), F.linear(x.bfloat16(), layer.weight)) and len(calls) == 1

@@ -170,7 +170,7 @@ for n in names:
     print(f"{n:>13} memorized {int(memorized[n].sum()):>3} of {len(per_example)} ({rates})")
 print(f"easy {int(easy.sum())}, teacher-specific {int(specific.sum())}; inherited by the soft student "
       f"{summary['teacher_specific']['inherited_soft']}, by the hard student {summary['teacher_specific']['inherited_hard']}")
-check("examples seen 8 times are memorized more often than natural ones, by the teacher",
+check("examples seen 8 times are memorized more often than once-seen ones, by the teacher",
       memorized["teacher"][copies == 8].mean() > memorized["teacher"][copies == 1].mean())
 
 # %% [markdown]
@@ -188,7 +188,7 @@ check.done()
 #
 # 1. Train the baseline 40 epochs instead of 20 (`--epochs=40`; the cosine schedule stretches with
 #    it) and measure the family again. Compare its memorized count with the 20-epoch baseline's, per
-#    number of copies: do natural (once-seen) examples start to be memorized?
+#    number of copies: do once-seen examples start to be memorized?
 # 2. Change the soft student's temperature to 4 (`--temperature=4`). Check how many examples it
 #    memorizes against the T = 2 student; the paper reports less memorization at higher T.
 # 3. Read `out/walkthroughs/scratch/06_family/baseline/log.jsonl`: its "memorization" rows say which

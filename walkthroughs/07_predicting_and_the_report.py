@@ -149,16 +149,17 @@ check("the 'easy' share is the soft student's memorized examples that are easy, 
 # natural, predictable text seen once. Small models trained for a few epochs on a few thousand
 # examples memorize almost nothing they saw once; what they memorize is what was planted several
 # times. So a small-scale run mostly answers "does distillation reduce the memorization of repeated
-# text?", and the findings on natural examples alone (the report's second table) are what would
-# answer the paper's own question. The table under it, "How close each row came", says how far from
-# memorized each stratum ended: the leading suffix tokens each model's greedy continuation gets right.
+# text?", and the findings on natural examples alone (the table after the findings) are what would
+# answer the paper's own question. "How close each row came", under the table by copies, says how far
+# from memorized each stratum ended: the leading suffix tokens each model's greedy continuation gets
+# right.
 
 # %%
 if "by_copies" in s:
     for c, row in sorted(s["by_copies"].items(), key=lambda kv: int(kv[0])):
         print(f"seen {c:>2} time(s): {row['examples']:>4} examples, teacher memorized {row['teacher']}")
     once = s["by_copies"]["1"]
-    check("natural examples are memorized at a lower rate than planted ones, by the teacher",
+    check("once-seen examples are memorized at a lower rate than planted ones, by the teacher",
           once["teacher"] / once["examples"] < min(r["teacher"] / r["examples"] for c, r in s["by_copies"].items() if c != "1"))
 
 check.done()

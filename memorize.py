@@ -9,7 +9,9 @@ Which training examples a model regurgitates, and why (Borkar et al. 2026, arXiv
 - Per-example features in fp32, one batch at a time (never [N, T, V]): zlib entropy, perplexity,
   suffix entropy and log-probability, Min-K% probability, KL(teacher || baseline).
 - A family (teacher, baseline seeds, students): rates, overlaps, the "easy" set, teacher-specific
-  examples and how many each student inherits, the hard/soft inheritance ratio.
+  examples and how many each student inherits, the hard/soft inheritance ratio; with planted copies,
+  the same again on the natural examples (they appear once and their suffix occurs nowhere else in
+  the data), and per copies stratum how many each model memorized and how close it came.
 - Predicting before distillation which examples the student will memorize: classifier.py's logistic
   regression on pre-distillation features with the paper's protocol, and a dataset without the
   examples it flags, to distill again on.

@@ -129,6 +129,14 @@ def window_hashes(rows, n):
     return (windows * coef).sum(-1, dtype=np.uint64)
 
 
+def find_hashes(table, h):
+    """(position, found) of each hash h in the sorted array table: where it is, and whether it is there."""
+    if len(table) == 0:
+        return np.zeros(h.shape, dtype=np.int64), np.zeros(h.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(table, h), len(table) - 1)
+    return pos, table[pos] == h
+
+
 class NgramIndex:
     """The set of every n-token window inside the rows [N, L] (windows do not cross rows), as one
     sorted array of hashes: 8 bytes per window, N * (L - n + 1) windows (1.6 GB for a million
@@ -143,11 +151,9 @@ class NgramIndex:
     def contains(self, samples):
         """bool (M,): whether each sample (M, T) holds a window of the rows of n tokens or more."""
         samples = np.asarray(samples)
-        if samples.shape[1] < self.n or len(self.table) == 0:
+        if samples.shape[1] < self.n:
             return np.zeros(len(samples), dtype=bool)
-        h = window_hashes(samples, self.n)
-        pos = np.minimum(np.searchsorted(self.table, h), len(self.table) - 1)
-        return (self.table[pos] == h).any(1)
+        return find_hashes(self.table, window_hashes(samples, self.n))[1].any(1)
 
 
 def window_counts(rows, windows, chunk_rows=256):
@@ -157,7 +163,6 @@ def window_counts(rows, windows, chunk_rows=256):
     wanted, where = np.unique(window_hashes(windows, n)[:, 0], return_inverse=True)
     counts = np.zeros(len(wanted), dtype=np.int64)
     for i in range(0, len(rows) if rows.shape[1] >= n else 0, chunk_rows):
-        h = window_hashes(rows[i:i + chunk_rows], n).ravel()
-        pos = np.minimum(np.searchsorted(wanted, h), len(wanted) - 1)
-        counts += np.bincount(pos[wanted[pos] == h], minlength=len(wanted))
+        pos, found = find_hashes(wanted, window_hashes(rows[i:i + chunk_rows], n).ravel())
+        counts += np.bincount(pos[found], minlength=len(wanted))
     return counts[where.ravel()]
